@@ -1,0 +1,724 @@
+"""common.py: the only module the stages share. Plumbing plus the shared math, nothing clever.
+
+    distributed + FSDP2   setup_distributed, shard_model, gathered_for_generation, cleanup_distributed
+    models                load_tokenizer, load_causal_lm, load_score_model, save_hf, disable_dropout
+    data                  load_rows (validated up front), format_prompt, tokenize_prompt_response, pad
+    training              cosine_schedule, batches, MetricsLogger, print0, UserError, entrypoint
+    math                  masked_mean, gae, LagrangeMultiplier, PIDLagrangian, sample_responses
+
+Conventions: every mask is built from explicit lengths (never by comparing ids with the pad id, since
+pad == eos in Llama-3/Qwen tokenizers); cost > 0 means unsafe.
+"""
+import datetime
+import glob
+import json
+import math
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # Beaver / alpaca-7b-reproduced
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- errors and output
+class UserError(Exception):
+    """Something the user can fix (flags, paths, data). Printed as one line, exit code 1."""
+
+
+def entrypoint(main):
+    """Run a stage's main(): a UserError becomes one clear line and exit 1 on every rank, no traceback."""
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(1)
+
+
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*a, **k):
+    if is_rank0():
+        print(*a, **k, flush=True)
+
+
+def check_output_dir(path, overwrite=False):
+    """Refuse to write into a folder that already holds a finished model, unless --overwrite."""
+    if os.path.exists(os.path.join(path, "config.json")) and not overwrite:
+        raise UserError(f"{path} already holds a finished run (config.json); pass --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------- distributed + FSDP2
+_MESH = None
+
+
+def setup_distributed(timeout_s=600):
+    """-> (rank, world_size, device). Works under torchrun and as plain `python` (a 1-rank group), so
+    every stage has one code path: always a process group, always FSDP2. gloo on CPU, nccl on CUDA."""
+    global _MESH
+    if "RANK" not in os.environ:  # plain python: a 1-process group on a free local port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)  # before init_process_group (torchtitan does the same)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        # A finite timeout turns a hung collective (one rank died, ranks disagree) into an error.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    from torch.distributed.device_mesh import init_device_mesh
+    _MESH = init_device_mesh(device.type, (world,))
+    return rank, world, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()  # without it a fast rank can tear the group down under a slow one
+        dist.destroy_process_group()
+
+
+def decoder_layers(model):
+    """The ModuleList of transformer blocks of an HF decoder (Llama, Qwen2, Mistral, ...)."""
+    base = getattr(model, model.base_model_prefix, model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise UserError(f"cannot find decoder layers in {type(model).__name__}")
+    return layers
+
+
+def shard_model(model, device, mixed_precision=None, activation_checkpointing=False):
+    """FSDP2: fully_shard each decoder block, then the root (torchtitan's recipe). bf16 params with fp32
+    gradient reduction on CUDA; full fp32 on CPU. Frozen models are sharded the same way."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    model.to(device)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            layer = checkpoint_wrapper(layer)
+            layers[i] = layer
+        fully_shard(layer, mesh=_MESH, mp_policy=mp)
+    fully_shard(model, mesh=_MESH, mp_policy=mp)
+    return model
+
+
+class gathered_for_generation:
+    """Unshard every FSDP unit once, keep it unsharded for all decode steps, reshard at the end. Without this
+    FSDP2 all-gathers every layer on every generated token (DESIGN.md §5)."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.model = model
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for m in self.units:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        for m in self.units:
+            m.set_reshard_after_forward(m is not self.model, recurse=False)  # root stays unsharded, as default
+            m.reshard()
+
+
+def all_reduce(x, op="sum"):
+    """all-reduce a python number or tensor across ranks (float64 on CPU: exact sums)."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = t.to(dev)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.cpu() if t.dim() else t.item()
+
+
+# ----------------------------------------------------------------------------- models and tokenizers
+def is_hub_name(s):
+    """`org/name` (optionally `:split` for data): something to fetch from the hub rather than a local path."""
+    import re
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:-]+)?", s) is not None \
+        and not s.split(":")[0].endswith((".jsonl", ".json", ".parquet"))
+
+
+def _check_model_path(path):
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise UserError(f"model folder {path} has no config.json")
+    elif not is_hub_name(path):
+        raise UserError(f"model path {path} does not exist")
+
+
+def load_tokenizer(path, trust_remote_code=False, padding_side="right"):
+    """AutoTokenizer; a pad token distinct from EOS is added when the tokenizer has none."""
+    from transformers import AutoTokenizer
+    _check_model_path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer in {path} has no EOS token")
+    tok.padding_side = padding_side
+    return tok
+
+
+def _has_weights(path):
+    return os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def _no_pickles(path):
+    if os.path.isdir(path) and not _has_weights(path) and glob.glob(os.path.join(path, "*.bin")):
+        raise UserError(f"{path} holds weights only as pickle (*.bin); convert them to safetensors")
+
+
+def disable_dropout(model):
+    """Dropout off everywhere in RL and in score models (RLHF-DETAILS 10): log-probs and scores must be
+    deterministic functions of the tokens, or the first PPO ratio is not 1."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _resize(model, tokenizer):
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch.float32):
+    """AutoModelForCausalLM from an HF folder or hub name. A folder with a config and no weights (the tiny
+    default in assets/) is initialised from its config with `seed`, and the log says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    _check_model_path(path)
+    _no_pickles(path)
+    if os.path.isdir(path) and not _has_weights(path):
+        print0(f"[model] {path} has no weights: initialising {path}/config.json from seed {seed}")
+        torch.manual_seed(seed)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    _resize(model, tokenizer)
+    return model
+
+
+def convert_beaver_score_state_dict(state_dict):
+    """safe-rlhf's LlamaForScore (Beaver reward/cost models) -> our AutoModelForTokenClassification layout:
+    its head is `score_head` (Linear hidden->1, with bias); HF's token-classification head is `score`."""
+    out = {}
+    for k, v in state_dict.items():
+        out[k.replace("score_head.", "score.") if k.startswith("score_head.") else k] = v
+    return out
+
+
+def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch.float32):
+    """AutoModelForTokenClassification with one label: a score per token (DESIGN.md §4). Loads from a score
+    model folder, from a causal-LM folder (head freshly initialised with `seed`), or from a safe-rlhf
+    LlamaForScore folder (Beaver reward/cost models; converted with convert_beaver_score_state_dict)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    _check_model_path(path)
+    _no_pickles(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0  # HF's head dropout is 0.1 by default: off for score models
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    torch.manual_seed(seed)
+    if arch.endswith("ForScore"):  # Beaver: build our class, then map the checkpoint's keys
+        config.architectures = [arch.replace("ForScore", "ForTokenClassification")]
+        model = AutoModelForTokenClassification.from_config(config, dtype=dtype)
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            sd.update(load_file(f))
+        missing, unexpected = model.load_state_dict(convert_beaver_score_state_dict(sd), strict=False)
+        if [m for m in missing if "rotary" not in m] or unexpected:
+            raise UserError(f"{path}: not a LlamaForScore checkpoint (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]})")
+    elif os.path.isdir(path) and not _has_weights(path):
+        print0(f"[model] {path} has no weights: initialising a score model from its config, seed {seed}")
+        model = AutoModelForTokenClassification.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=dtype,
+                                                                use_safetensors=True,
+                                                                trust_remote_code=trust_remote_code)
+    _resize(model, tokenizer)
+    return disable_dropout(model)
+
+
+def full_state_dict(model):
+    """Gather an FSDP2 model's full state dict onto rank 0's CPU (other ranks get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf(model, tokenizer, output_dir, extra_config=None):
+    """Save an FSDP2-sharded model as an HF folder (safetensors) from rank 0. Files are written under temp
+    names and renamed, config.json last, so a folder with config.json always holds a complete model."""
+    from safetensors.torch import save_file
+    sd = full_state_dict(model)  # collective: every rank must call it
+    if is_rank0():
+        os.makedirs(output_dir, exist_ok=True)
+        sd = {k: v.contiguous() for k, v in sd.items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        tmp = os.path.join(output_dir, "model.safetensors.tmp")
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(output_dir, "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        config = model.config
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        for k, v in (extra_config or {}).items():
+            setattr(config, k, v)
+        config.save_pretrained(os.path.join(output_dir, ".config_tmp"))
+        os.replace(os.path.join(output_dir, ".config_tmp", "config.json"), os.path.join(output_dir, "config.json"))
+        os.rmdir(os.path.join(output_dir, ".config_tmp"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- data
+FIELDS = {  # kind -> {field: type}
+    "sft": {"prompt": str, "response": str},
+    "prompt": {"prompt": str},
+    "reward": {"prompt": str, "response_0": str, "response_1": str, "better_response_id": int},
+    "cost": {"prompt": str, "response_0": str, "response_1": str, "is_response_0_safe": bool,
+             "is_response_1_safe": bool, "safer_response_id": int},
+}
+FIELDS["preference"] = {**FIELDS["reward"], **FIELDS["cost"]}
+
+
+def _read_local(path):
+    """-> list of (row number, row dict or error string). Row numbers are 1-based lines for .jsonl."""
+    if path.endswith(".jsonl"):
+        out = []
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append((i, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}: row {i}: malformed JSON ({e.msg})") from None
+        return out
+    if path.endswith(".json"):
+        try:
+            data = json.load(open(path))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON array of rows")
+        return list(enumerate(data, 1))
+    if path.endswith(".parquet"):
+        import datasets
+        return list(enumerate(datasets.load_dataset("parquet", data_files=path, split="train"), 1))
+    raise UserError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+
+
+def _read_spec(spec):
+    spec = spec.strip()
+    if os.path.isdir(spec):
+        files = sorted(f for ext in ("jsonl", "json", "parquet") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
+        if not files:
+            raise UserError(f"{spec}: folder holds no .jsonl/.json/.parquet file")
+        return [(f, r) for f in files for r in [_read_local(f)]]
+    if os.path.exists(spec):
+        return [(spec, _read_local(spec))]
+    name, _, split = spec.partition(":")
+    if not is_hub_name(spec):
+        raise UserError(f"data path {spec} does not exist")
+    import datasets  # a hub dataset `org/name:split` (never used by tests or the tiny demo)
+    ds = datasets.load_dataset(name, split=split or "train")
+    return [(spec, list(enumerate(ds, 1)))]
+
+
+def validate_row(row, kind):
+    """-> None if the row is usable for `kind`, else the reason (DESIGN.md §3)."""
+    if not isinstance(row, dict):
+        return "row is not a JSON object"
+    for field, typ in FIELDS[kind].items():
+        if field not in row or row[field] is None:
+            return f"missing field '{field}'"
+        v = row[field]
+        if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
+            return f"field '{field}' must be 0 or 1, got {v!r}"
+        if typ is not int and not isinstance(v, typ):
+            return f"field '{field}' must be {typ.__name__}, got {type(v).__name__}"
+        if typ is int and v not in (0, 1):
+            return f"field '{field}' must be 0 or 1, got {v!r}"
+        if typ is str and not v.strip():
+            return f"field '{field}' is empty"
+    if "response_0" in FIELDS[kind] and row["response_0"].strip() == row["response_1"].strip():
+        return "response_0 and response_1 are identical"
+    if "safer_response_id" in FIELDS[kind]:
+        s = row["safer_response_id"]
+        if not row[f"is_response_{s}_safe"] and row[f"is_response_{1 - s}_safe"]:
+            return (f"contradictory labels: safer_response_id={s} but response_{s} is flagged unsafe and "
+                    f"response_{1 - s} safe")
+    return None
+
+
+def load_rows(specs, kind, skip_invalid=False):
+    """Load and validate every row before any training step. `specs`: comma-separated local files/folders or
+    hub `org/name:split`. A bad row is an error naming the file and row (or, with skip_invalid, skipped and
+    counted)."""
+    rows, skipped = [], 0
+    for spec in [s for s in specs.split(",") if s.strip()]:
+        for source, numbered in _read_spec(spec):
+            if not numbered:
+                raise UserError(f"{source}: file is empty")
+            for i, row in numbered:
+                err = validate_row(row, kind)
+                if err and not skip_invalid:
+                    raise UserError(f"{source}: row {i}: {err}")
+                if err:
+                    skipped += 1
+                else:
+                    rows.append(dict(row))
+    if skipped:
+        print0(f"[data] warning: skipped {skipped} invalid rows of {specs} (--skip_invalid_rows)")
+    if not rows:
+        raise UserError(f"{specs}: no usable rows")
+    return rows
+
+
+def format_prompt(prompt, tokenizer=None, chat_template=False):
+    """The Beaver prompt template (DESIGN.md §3), or the tokenizer's own chat template with --chat_template."""
+    if chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def tokenize_prompt(tokenizer, prompt, chat_template=False):
+    return tokenizer(format_prompt(prompt, tokenizer, chat_template), add_special_tokens=not chat_template)["input_ids"]
+
+
+def tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_template=False):
+    """-> (ids, prompt_len, truncated) or None when the prompt alone leaves no room for a response.
+    The response follows the template directly (leading space) and ends with EOS; the two parts are
+    tokenised separately so the prompt length is exact."""
+    p = tokenize_prompt(tokenizer, prompt, chat_template)
+    r = tokenizer(" " + response.strip() if not chat_template else response.strip(),
+                  add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) >= max_length:
+        return None
+    truncated = len(p) + len(r) > max_length
+    return (p + r)[:max_length], len(p), truncated
+
+
+def pad(seqs, pad_id, side="right"):
+    """-> (ids [B, T], lengths [B]). Masks are built from `lengths`, never from `ids == pad_id`."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            ids[i, :len(s)] = torch.tensor(s)
+        else:
+            ids[i, T - len(s):] = torch.tensor(s)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
+def length_mask(lengths, T, start=None):
+    """[B, T] float mask, 1 on positions start[b] <= t < start[b] + lengths[b] (start defaults to 0)."""
+    t = torch.arange(T, device=lengths.device)[None]
+    s = torch.zeros_like(lengths) if start is None else start
+    return ((t >= s[:, None]) & (t < (s + lengths)[:, None])).float()
+
+
+def batches(n, global_batch, rank, world, seed, epoch, drop_last=True):
+    """Index lists of this rank's share of each global batch, in a seeded order shared by all ranks
+    (STYLE practice 5: one data-order seed for every rank)."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    stop = n - n % global_batch if drop_last else n
+    for i in range(0, stop, global_batch):
+        yield order[i:i + global_batch][rank::world]
+
+
+# ----------------------------------------------------------------------------- training helpers
+def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
+    """Linear warmup then cosine decay to min_ratio × lr."""
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+class MetricsLogger:
+    """One JSON object per logged step in output_dir/metrics.jsonl (always), stdout, and wandb when a
+    project is given (works with WANDB_MODE=offline). Only rank 0 writes."""
+
+    def __init__(self, output_dir, args=None, wandb_project=None, run_name=None, quiet=False):
+        self.rank0, self.quiet, self.wandb = is_rank0(), quiet, None
+        if not self.rank0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.f = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        if args is not None:
+            with open(os.path.join(output_dir, "args.json"), "w") as f:
+                json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=2, default=str)
+        if wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=run_name, dir=output_dir,
+                                    config=vars(args) if args is not None else None)
+
+    def log(self, step, metrics, echo=True):
+        if not self.rank0:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool)
+                                    else v) for k, v in metrics.items()}}
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if echo and not self.quiet:
+            from tqdm import tqdm
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self):
+        if self.rank0:
+            self.f.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def progress(iterable=None, **kw):
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not is_rank0(), dynamic_ncols=True, **kw)
+
+
+def load_judge(name):
+    """The exact rule-based judge of a synthetic task (`tiny_safety` -> data/tiny_safety.py), or None."""
+    if not name:
+        return None
+    sys.path.insert(0, os.path.join(HERE, "data"))
+    try:
+        return __import__(name)
+    except ImportError:
+        raise UserError(f"unknown judge {name!r} (expected a module in data/, e.g. tiny_safety)") from None
+
+
+# ----------------------------------------------------------------------------- math
+def masked_mean(x, mask):
+    """Mean over each sequence's masked tokens, then over the batch: every sequence weighs the same."""
+    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.mean()
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over response positions, all [B, T].
+    Episodic: the value after the last real token is 0; outside the mask the advantage is 0.
+        δ_t = r_t + γ V_{t+1} − V_t,   A_t = δ_t + γλ A_{t+1},   returns G_t = A_t + V_t."""
+    values, rewards = values * mask, rewards * mask
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 after the end (masked)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+class LagrangeMultiplier:
+    """λ = exp(log λ), learned by gradient ascent on the Lagrangian (paper §3, eq. 10):
+        log λ ← log λ + lr · λ · (J_C − d)
+    (the gradient of λ·(J_C − d) w.r.t. log λ, as safe-rlhf's optimiser step). λ grows while the mean episode
+    cost J_C is above the threshold d and shrinks below it. Clamped to lambda_max; the first delay_steps calls
+    do nothing (a warm-up for the cost critic)."""
+
+    def __init__(self, lambda_init=1.0, lr=0.1, lambda_max=None, delay_steps=0):
+        self.log_lambda = math.log(lambda_init)
+        self.lr, self.lambda_max, self.delay_steps, self.calls = lr, lambda_max, delay_steps, 0
+
+    @property
+    def value(self):
+        return math.exp(self.log_lambda)
+
+    def update(self, episode_cost, threshold):
+        self.calls += 1
+        if self.calls > self.delay_steps:
+            self.log_lambda += self.lr * self.value * (episode_cost - threshold)
+            if self.lambda_max is not None:
+                self.log_lambda = min(self.log_lambda, math.log(self.lambda_max))
+        return self.value
+
+    def state_dict(self):
+        return {"log_lambda": self.log_lambda, "calls": self.calls}
+
+    def load_state_dict(self, sd):
+        self.log_lambda, self.calls = sd["log_lambda"], sd["calls"]
+
+
+class PIDLagrangian:
+    """PID Lagrangian (Stooke, Achiam & Abbeel 2020, Alg. 2): with the violation Δ = J_C − d,
+        I ← max(0, I + Δ),   λ = clamp(K_p·Δ + K_i·I + K_d·max(0, J_C − J_C,prev), 0, lambda_max).
+    The integral term alone is plain gradient ascent on λ; the proportional term reacts to the violation
+    now, and the derivative term to its growth, which damps the overshoot and oscillation of pure ascent.
+    I starts at lambda_init / K_i so λ starts at lambda_init."""
+
+    def __init__(self, lambda_init=1.0, kp=0.5, ki=0.1, kd=0.5, lambda_max=None, delay_steps=0):
+        self.kp, self.ki, self.kd, self.lambda_max, self.delay_steps = kp, ki, kd, lambda_max, delay_steps
+        self.integral = lambda_init / ki if ki > 0 else 0.0
+        self.prev_cost, self.calls, self._value = None, 0, lambda_init
+
+    @property
+    def value(self):
+        return self._value
+
+    def update(self, episode_cost, threshold):
+        self.calls += 1
+        if self.calls <= self.delay_steps:
+            return self._value
+        delta = episode_cost - threshold
+        self.integral = max(0.0, self.integral + delta)
+        deriv = 0.0 if self.prev_cost is None else max(0.0, episode_cost - self.prev_cost)
+        self.prev_cost = episode_cost
+        lam = max(0.0, self.kp * delta + self.ki * self.integral + self.kd * deriv)
+        self._value = min(lam, self.lambda_max) if self.lambda_max is not None else lam
+        return self._value
+
+    def state_dict(self):
+        return {"integral": self.integral, "prev_cost": self.prev_cost, "calls": self.calls, "value": self._value}
+
+    def load_state_dict(self, sd):
+        self.integral, self.prev_cost, self.calls, self._value = sd["integral"], sd["prev_cost"], sd["calls"], sd["value"]
+
+
+# ----------------------------------------------------------------------------- generation
+def top_p_filter(logits, top_p):
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, idx = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p  # keep a token if the mass before it is below top_p
+    sorted_logits[drop] = float("-inf")
+    return logits.scatter(-1, idx, sorted_logits)
+
+
+@torch.no_grad()
+def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tokens, temperature=1.0,
+                     top_p=1.0, greedy=False, generator=None):
+    """Sample responses with the KV cache from left-padded prompts [B, P].
+    -> (responses [B, max_new_tokens] right-padded with pad_id after EOS, lengths [B] incl. EOS, has_eos [B]).
+    Every rank runs the same number of decode steps: a step stops the loop only when *all* ranks are done,
+    so ranks stay in lock-step for any collective the model may run (RLHF-DETAILS 3)."""
+    B, P = prompt_ids.shape
+    dev = prompt_ids.device
+    attn = length_mask(prompt_lens.to(dev), P, start=P - prompt_lens.to(dev)).long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # position ids follow the mask (left padding)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache, next_pos = out.cache, pos[:, -1:] + 1
+    logits = out.logits[:, -1].float()
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    for t in range(max_new_tokens):
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, t] = nxt
+        just = (~done) & (nxt == eos_id)
+        lengths[just] = t + 1
+        done |= just
+        all_done = done.all()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(all_done)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            all_done = bool(flag.item())
+        if all_done or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
+                    use_cache=True)
+        cache, next_pos, logits = out.cache, next_pos + 1, out.logits[:, -1].float()
+    has_eos = done.clone()
+    return tokens, lengths, has_eos
+
+
+def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_size=32, greedy=True,
+                   temperature=1.0, top_p=1.0, seed=0, chat_template=False):
+    """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call."""
+    out = []
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    n = len(prompts)
+    nb = all_reduce(math.ceil(n / batch_size), "max") if dist.is_initialized() else math.ceil(n / batch_size)
+    with gathered_for_generation(model):
+        for b in range(int(nb)):
+            chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[:1]  # keep lock-step on short ranks
+            real = len(prompts[b * batch_size:(b + 1) * batch_size])
+            ids, lens = pad([tokenize_prompt(tokenizer, p, chat_template) for p in chunk], tokenizer.pad_token_id, "left")
+            resp, rlen, _ = sample_responses(model, ids.to(device), lens.to(device), tokenizer.eos_token_id,
+                                             tokenizer.pad_token_id, max_new_tokens, temperature, top_p,
+                                             greedy=greedy, generator=gen)
+            for i in range(real):
+                L = int(rlen[i]) - (1 if int(rlen[i]) and resp[i, int(rlen[i]) - 1] == tokenizer.eos_token_id else 0)
+                out.append(tokenizer.decode(resp[i, :L].tolist(), skip_special_tokens=True).strip())
+    model.train()
+    return out
+
+
+def gather_objects(objs):
+    """all_gather_object of one python list per rank -> concatenated in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(objs)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(objs))
+    return [o for p in parts for o in p]
+
+
+def judge_report(judge, prompts, responses):
+    """Exact-judge metrics of a synthetic task: format rate, helpfulness, unsafe rate on harmful prompts."""
+    harmful = [judge.is_harmful_prompt(p) for p in prompts]
+    unsafe = [judge.is_unsafe(p, r) for p, r in zip(prompts, responses)]
+    helpful = [judge.helpful_score(p, r) for p, r in zip(prompts, responses)]
+    valid = [judge.parse_response(r)[0] != "invalid" for r in responses]
+    nh = sum(harmful)
+    nb = len(prompts) - nh
+    return {
+        "judge/format_rate": sum(valid) / len(prompts),
+        "judge/unsafe_rate_harmful": sum(u for u, h in zip(unsafe, harmful) if h) / max(1, nh),
+        "judge/unsafe_rate": sum(unsafe) / len(prompts),
+        "judge/helpful_benign": sum(s for s, h in zip(helpful, harmful) if not h) / max(1, nb),
+        "judge/helpful_harmful": sum(s for s, h in zip(helpful, harmful) if h) / max(1, nh),
+        "judge/helpful": sum(helpful) / len(prompts),
+        "judge/n_harmful": nh, "judge/n_benign": nb,
+    }
+
+
+def now():
+    return time.perf_counter()

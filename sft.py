@@ -1,0 +1,218 @@
+"""Stage 1 of Safe RLHF: supervised fine-tuning of a causal LM on prompt/response rows.
+
+Loss: next-token cross-entropy on the response tokens only (the prompt is context; --include_prompt_loss to
+train on it too), averaged over all response tokens of the global batch, so any world size and any gradient
+accumulation give the same step.
+
+    python sft.py                                              # tiny default: ~2 min on 2 CPU cores
+    torchrun --nproc_per_node=2 sft.py                         # same run, FSDP2 over 2 ranks
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 sft.py \\
+        --model_name_or_path huggyllama/llama-7b --train_data tatsu-lab/alpaca:train ...   # multi-node
+    # safe-rlhf's 7B recipe (alpaca-7b-reproduced): see scripts/recipe_beaver_7b.sh
+    #   --learning_rate 2e-5 --epochs 3 --max_length 512 --per_device_train_batch_size 4
+    #   --gradient_accumulation_steps 8 --warmup_ratio 0.03 --activation_checkpointing --judge ''
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    # --- data and model
+    model_name_or_path: str = "assets/tiny-llama"  # HF folder or hub name; a config-only folder is seeded
+    train_data: str = "data/tiny-safety/sft_train.jsonl"  # rows {prompt, response}; comma-separated list ok
+    eval_data: str = "data/tiny-safety/sft_test.jsonl"  # held-out rows for the eval loss ('' = none)
+    output_dir: str = "output/sft"
+    max_length: int = 128  # prompt + response tokens; longer responses are truncated (and counted)
+    chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
+    skip_invalid_rows: bool = False  # skip bad rows with a counted warning instead of stopping
+    trust_remote_code: bool = False
+    # --- optimisation (the research knobs)
+    epochs: int = 6
+    max_steps: int = -1  # stop after this many optimiser steps (-1: run all epochs)
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3  # tiny default; safe-rlhf 7B: 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    include_prompt_loss: bool = False  # train on prompt tokens too
+    seed: int = 42
+    # --- systems
+    bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
+    activation_checkpointing: bool = False
+    # --- logging, evaluation, saving
+    log_every: int = 10
+    eval_every: int = 0  # steps between eval-loss passes (0: once per epoch)
+    judge: str = "tiny_safety"  # exact judge module in data/ for the final generation check ('' = off)
+    judge_prompts: str = "data/tiny-safety/prompts_test.jsonl"
+    judge_max_new_tokens: int = 32
+    judge_samples_per_prompt: int = 4  # sampled at temperature 1: the policy's distribution, not its mode
+    wandb_project: str = ""
+    run_name: str = "sft"
+    overwrite: bool = False  # replace a finished run in output_dir
+    save_model: bool = True
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def tokenize_rows(rows, tokenizer, max_length, chat_template, source):
+    """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped."""
+    out, truncated, dropped = [], 0, 0
+    for r in rows:
+        t = common.tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template)
+        if t is None:
+            dropped += 1
+            continue
+        out.append(t[:2])
+        truncated += t[2]
+    common.print0(f"[data] {source}: {len(out)} rows, {truncated} responses truncated at max_length={max_length}, "
+                  f"{dropped} prompts longer than max_length dropped")
+    if not out:
+        raise common.UserError(f"{source}: every prompt is longer than max_length={max_length}")
+    return out
+
+
+def make_batch(examples, pad_id, include_prompt, device):
+    """-> ids [B, T], target mask [B, T-1]: position t predicts token t+1 and counts when t+1 is a response
+    token (or any real token with include_prompt)."""
+    ids, lengths = common.pad([e[0] for e in examples], pad_id)
+    plen = torch.tensor([1 if include_prompt else e[1] for e in examples])
+    T = ids.shape[1]
+    # target index j = t+1 runs over [plen, length): a mask over targets, shifted back by one to positions t
+    tgt = common.length_mask(lengths - plen, T, start=plen)[:, 1:]
+    return ids.to(device), tgt.to(device)
+
+
+def token_nll(model, ids, tgt_mask):
+    """Sum of next-token NLL over masked targets, and the number of those targets."""
+    logits = model(input_ids=ids).logits[:, :-1].float()  # right padding: causal attention keeps pads unseen
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return (nll.view_as(tgt_mask) * tgt_mask).sum(), tgt_mask.sum()
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, args, pad_id, rank, world, device):
+    model.eval()
+    tot, n = 0.0, 0.0
+    bs = args.per_device_train_batch_size
+    mine = data[rank::world]
+    steps = int(common.all_reduce(math.ceil(len(mine) / bs), "max"))
+    for i in range(steps):  # same number of forward passes on every rank (FSDP collectives)
+        chunk = mine[i * bs:(i + 1) * bs]
+        ids, m = make_batch(chunk or mine[:1], pad_id, args.include_prompt_loss, device)
+        s, c = token_nll(model, ids, m)
+        if chunk:
+            tot, n = tot + s.item(), n + c.item()
+    model.train()
+    tot, n = common.all_reduce(tot), common.all_reduce(n)
+    return tot / max(n, 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.setup_distributed()
+    torch.manual_seed(args.seed)
+
+    # 1. validate everything before building anything: data, model path, batch sizes, output folder
+    common.check_output_dir(args.output_dir, args.overwrite)
+    train_rows = common.load_rows(args.train_data, "sft", args.skip_invalid_rows)
+    eval_rows = common.load_rows(args.eval_data, "sft", args.skip_invalid_rows) if args.eval_data else []
+    judge = common.load_judge(args.judge)
+    judge_prompts = [r["prompt"] for r in common.load_rows(args.judge_prompts, "prompt")] if judge else []
+    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    train = tokenize_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data)
+    evald = tokenize_rows(eval_rows, tokenizer, args.max_length, args.chat_template, args.eval_data) if eval_rows else []
+    global_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
+    if len(train) < global_batch:
+        raise common.UserError(f"{args.train_data}: {len(train)} rows < one global batch of {global_batch}")
+    steps_per_epoch = len(train) // global_batch
+    total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
+    common.print0(f"[sft] world {world}, global batch {global_batch} = {args.per_device_train_batch_size} x {world} "
+                  f"ranks x {args.gradient_accumulation_steps} accum, {steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    # 2. model, FSDP2, optimiser (AdamW betas (0.9, 0.95) as safe-rlhf), warmup + cosine schedule
+    model = common.load_causal_lm(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
+    model.config.use_cache = False
+    common.shard_model(model, device, mixed_precision=args.bf16 and device.type == "cuda",
+                       activation_checkpointing=args.activation_checkpointing)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
+    sched = common.cosine_schedule(opt, int(args.warmup_ratio * total_steps), total_steps)
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name)
+
+    # 3. train
+    step, pad_id = 0, tokenizer.pad_token_id
+    bar = common.progress(total=total_steps, desc="sft")
+    for epoch in range(args.epochs):
+        for idx in common.batches(len(train), global_batch, rank, world, args.seed, epoch):
+            if step >= total_steps:
+                break
+            micro = [idx[i::args.gradient_accumulation_steps] for i in range(args.gradient_accumulation_steps)]
+            built = [make_batch([train[j] for j in m], pad_id, args.include_prompt_loss, device) for m in micro]
+            n_global = common.all_reduce(sum(b[1].sum().item() for b in built))  # response tokens, all ranks
+            loss_sum = 0.0
+            for k, (ids, m) in enumerate(built):
+                model.set_requires_gradient_sync(k == len(built) - 1)  # reduce-scatter once per step
+                s, _ = token_nll(model, ids, m)
+                # FSDP averages gradients over ranks, so scale by world: the step is the global token mean
+                (s * world / n_global).backward()
+                loss_sum += s.item()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            if not math.isfinite(gnorm.item()):
+                raise common.UserError(f"non-finite gradient norm at step {step + 1}: stopping before it is saved")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            loss = common.all_reduce(loss_sum) / n_global
+            if step % args.log_every == 0 or step == 1 or step == total_steps:
+                logger.log(step, {"train/loss": loss, "train/lr": sched.get_last_lr()[0], "train/grad_norm": gnorm.item(),
+                                  "train/epoch": epoch + 1}, echo=False)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if evald and args.eval_every and step % args.eval_every == 0:
+                logger.log(step, {"eval/loss": evaluate_loss(model, evald, args, pad_id, rank, world, device)})
+        if evald and not args.eval_every:
+            logger.log(step, {"eval/loss": evaluate_loss(model, evald, args, pad_id, rank, world, device),
+                              "train/epoch": epoch + 1})
+        if step >= total_steps:
+            break
+    bar.close()
+
+    # 4. the exact judge on held-out prompts (sampled): does the model answer in the task's format, and how
+    #    often does it answer harmful requests unsafely? (tiny task only)
+    if judge:
+        mine = (judge_prompts * args.judge_samples_per_prompt)[rank::world]
+        answers = common.generate_texts(model, tokenizer, mine, device, args.judge_max_new_tokens, greedy=False,
+                                        seed=args.seed + rank, chat_template=args.chat_template)
+        prompts, answers = common.gather_objects(mine), common.gather_objects(answers)
+        rep = common.judge_report(judge, prompts, answers)
+        logger.log(step, rep)
+        common.print0(f"[judge] {len(prompts)} held-out prompts: format {rep['judge/format_rate']:.1%}, unsafe rate on "
+                      f"{rep['judge/n_harmful']} harmful prompts {rep['judge/unsafe_rate_harmful']:.1%} (exact judge), "
+                      f"helpfulness on benign {rep['judge/helpful_benign']:.2f}/4")
+
+    # 5. save the HF folder (rank 0 gathers the full state dict)
+    if args.save_model:
+        common.save_hf(model, tokenizer, args.output_dir)
+        common.print0(f"[sft] saved {args.output_dir}")
+    logger.close()
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.entrypoint(main)

@@ -1,0 +1,43 @@
+"""Shared test helpers: run a stage as a subprocess (python or torchrun), read its metrics, and build the
+tiny SFT model once per session for the stages that start from it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL = os.path.join(ROOT, "..", "shared", "data", "real")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "data"))
+TIMEOUT = 900  # generous: this machine can be many times slower for minutes
+
+
+def run(script, *args, nproc=1, check=True, timeout=TIMEOUT, env=None):
+    """Run `script` with flags; nproc > 1 goes through torchrun (gloo on CPU)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+               "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", script, *map(str, args)]
+    else:
+        cmd = [sys.executable, script, *map(str, args)]
+    e = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+         "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", **(env or {})}
+    e.pop("RANK", None)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def metrics(output_dir, key=None):
+    rows = [json.loads(l) for l in open(os.path.join(output_dir, "metrics.jsonl"))]
+    return [r[key] for r in rows if key in r] if key else rows
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory):
+    """The tiny SFT policy trained by the default command (shared by the later stages' tests)."""
+    out = tmp_path_factory.mktemp("sft") / "model"
+    p = run("sft.py", "--output_dir", out)
+    return str(out), p
