@@ -227,12 +227,22 @@ def load_causal_lm(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch
 
 
 def convert_beaver_score_state_dict(state_dict):
-    """safe-rlhf's LlamaForScore (Beaver reward/cost models) -> our AutoModelForTokenClassification layout:
-    its head is `score_head` (Linear hidden->1, with bias); HF's token-classification head is `score`."""
-    out = {}
+    """safe-rlhf's LlamaForScore (Beaver reward/cost models) -> our AutoModelForTokenClassification layout.
+    Theirs: backbone `model.*`, head `score_head` (Linear hidden->1, bias off by default), running score
+    statistics in `normalizer.{mean,var,count}` buffers. Ours: the same backbone, head `score` (with bias).
+    -> (state_dict, {"score_mean", "score_std"} or {})."""
+    out, stats = {}, {}
     for k, v in state_dict.items():
-        out[k.replace("score_head.", "score.") if k.startswith("score_head.") else k] = v
-    return out
+        if k.startswith("normalizer."):
+            if k.endswith(".mean"):
+                stats["score_mean"] = float(v.flatten()[0])
+            elif k.endswith(".var"):
+                stats["score_std"] = float(v.flatten()[0]) ** 0.5
+            continue
+        out[k.replace("score_head.", "score.", 1) if k.startswith("score_head.") else k] = v
+    if "score.weight" in out and "score.bias" not in out:
+        out["score.bias"] = torch.zeros(out["score.weight"].shape[0], dtype=out["score.weight"].dtype)
+    return out, stats
 
 
 def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch.float32):
@@ -254,10 +264,13 @@ def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=tor
         sd = {}
         for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
             sd.update(load_file(f))
-        missing, unexpected = model.load_state_dict(convert_beaver_score_state_dict(sd), strict=False)
+        sd, stats = convert_beaver_score_state_dict(sd)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
         if [m for m in missing if "rotary" not in m] or unexpected:
             raise UserError(f"{path}: not a LlamaForScore checkpoint (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]})")
+        for k, v in stats.items():
+            setattr(model.config, k, v)
     elif os.path.isdir(path) and not _has_weights(path):
         print0(f"[model] {path} has no weights: initialising a score model from its config, seed {seed}")
         model = AutoModelForTokenClassification.from_config(config, dtype=dtype)

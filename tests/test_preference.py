@@ -1,0 +1,173 @@
+"""train_preference.py: the losses against hand-computed values, trained accuracies on tiny-safety, real
+PKU-SafeRLHF rows, 2 ranks = 1 rank, bad data, reload, and loading a Beaver (LlamaForScore) checkpoint."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import REAL, ROOT, metrics, run
+
+FAST = ["--max_steps", 5, "--log_every", 1, "--eval_data", "", "--save_model", "False"]
+
+
+def ls(x):  # −log σ(x)
+    return math.log1p(math.exp(-x))
+
+
+def test_import_has_no_side_effects():
+    code = "import train_preference, torch.distributed as d; print(d.is_initialized())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.stdout.strip() == "False" and not os.path.exists(os.path.join(ROOT, "output", "reward", "x"))
+
+
+def test_reward_loss_hand_computed():
+    from train_preference import reward_loss
+    b, w = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
+    expect = (ls(1.0) + ls(-1.0)) / 2
+    assert reward_loss(b, w).item() == pytest.approx(expect, abs=1e-6)
+    reg = (4 + 0.25 + 1 + 2.25) / 4
+    assert reward_loss(b, w, 0.1).item() == pytest.approx(expect + 0.1 * reg, abs=1e-6)
+
+
+def test_cost_loss_hand_computed_and_sign():
+    from train_preference import cost_loss
+    safer, unsafer = torch.tensor([-2.0, 1.0]), torch.tensor([3.0, 2.0])
+    s_safe, u_safe = torch.tensor([True, False]), torch.tensor([False, False])
+    # pair 1: safe (ξ=−1) vs unsafe (ξ=+1); pair 2: both unsafe (ξ=+1)
+    p1 = ls(3.0 - -2.0) + ls(-1 * -2.0) + ls(1 * 3.0)
+    p2 = ls(2.0 - 1.0) + ls(1 * 1.0) + ls(1 * 2.0)
+    assert cost_loss(safer, unsafer, s_safe, u_safe).item() == pytest.approx((p1 + p2) / 2, abs=1e-6)
+    reg = (4 + 1 + 9 + 4) / 4
+    assert cost_loss(safer, unsafer, s_safe, u_safe, 0.01).item() == pytest.approx((p1 + p2) / 2 + 0.01 * reg, abs=1e-6)
+    # the classification term pushes a safe response's cost below 0: its gradient on safer[0] is positive
+    x = torch.tensor([0.0], requires_grad=True)
+    cost_loss(x, torch.tensor([5.0]), torch.tensor([True]), torch.tensor([False])).backward()
+    assert x.grad.item() > 0  # descending the loss lowers the safe response's cost
+
+
+def test_token_wise_loss_masks_from_first_difference():
+    from train_preference import reward_loss, token_wise_mask
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])  # hi, lo: differ from position 2
+    lengths = torch.tensor([4, 3])
+    m = token_wise_mask(ids, lengths, 1)
+    assert m.tolist() == [[0, 0, 1, 1, 0]]
+    hi, lo = torch.tensor([[0.0, 0.0, 1.0, 3.0, 9.0]]), torch.tensor([[0.0, 0.0, 0.0, 1.0, -9.0]])
+    assert reward_loss(hi, lo, 0.0, m).item() == pytest.approx((ls(1.0) + ls(2.0)) / 2, abs=1e-6)
+
+
+@pytest.fixture(scope="session")
+def score_models(sft_model, tmp_path_factory):
+    sft, _ = sft_model
+    base = tmp_path_factory.mktemp("score")
+    run("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--output_dir", base / "reward")
+    run("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--output_dir", base / "cost")
+    return str(base / "reward"), str(base / "cost")
+
+
+def test_trained_models_reach_target_accuracy(score_models):
+    rm, cm = score_models
+    r, c = json.load(open(os.path.join(rm, "eval.json"))), json.load(open(os.path.join(cm, "eval.json")))
+    print(f"reward accuracy {r['eval/accuracy']:.4f}; cost sign accuracy {c['eval/sign_accuracy']:.4f}")
+    assert r["eval/accuracy"] >= 0.90
+    assert c["eval/sign_accuracy"] >= 0.95
+    assert c["eval/unsafe_score_mean"] > 0 > c["eval/safe_score_mean"]
+    cfg = json.load(open(os.path.join(cm, "config.json")))
+    assert cfg["score_std"] > 0 and "score_mean" in cfg and cfg["architectures"] == ["LlamaForTokenClassification"]
+
+
+def test_saved_score_model_reloads_and_scores_the_same(score_models):
+    """AutoModelForTokenClassification.from_pretrained on the folder reproduces the held-out sign accuracy."""
+    from transformers import AutoModelForTokenClassification
+    _, cm = score_models
+    tok = common.load_tokenizer(cm)
+    model = AutoModelForTokenClassification.from_pretrained(cm).eval()
+    rows = common.load_rows("data/tiny-safety/preference_test.jsonl", "cost")
+    right, n = 0, 0
+    with torch.no_grad():
+        for r in rows:
+            for i in (0, 1):
+                ids, _, _ = common.tokenize_prompt_response(tok, r["prompt"], r[f"response_{i}"], 128)
+                c = model(input_ids=torch.tensor([ids])).logits[0, -1, 0].item()
+                right += (c > 0) == (not r[f"is_response_{i}_safe"])
+                n += 1
+    assert right / n == pytest.approx(json.load(open(os.path.join(cm, "eval.json")))["eval/sign_accuracy"], abs=1e-9)
+
+
+def test_cost_model_trains_on_real_pku_rows(tmp_path):
+    pku = json.load(open(os.path.join(REAL, "pku_saferlhf_safe-vs-unsafe_5k.json")))[:320]
+    data = tmp_path / "pku.jsonl"
+    with open(data, "w") as f:
+        for r in pku:  # the source keeps the safer (safe) answer first; helpfulness was not recorded
+            f.write(json.dumps({"prompt": r["prompt"], "response_0": r["response"][0], "response_1": r["response"][1],
+                                "is_response_0_safe": True, "is_response_1_safe": False, "safer_response_id": 0}) + "\n")
+    run("train_preference.py", "--objective", "cost", "--model_name_or_path", "assets/tiny-llama",
+        "--train_data", data, "--output_dir", tmp_path / "o", "--max_length", 192, "--max_steps", 20, "--log_every", 1,
+        "--eval_data", "", "--save_model", "False", "--learning_rate", 1e-3, "--warmup_ratio", 0)
+    losses = metrics(tmp_path / "o", "train/loss")
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("objective", ["reward", "cost"])
+def test_two_ranks_equal_one_rank(sft_model, tmp_path, objective):
+    sft, _ = sft_model
+    common_args = ["--objective", objective, "--model_name_or_path", sft, *FAST]
+    run("train_preference.py", *common_args, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8,
+        "--gradient_accumulation_steps", 2)
+    run("train_preference.py", *common_args, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", 8,
+        nproc=2)
+    one, two = metrics(tmp_path / "one", "train/loss"), metrics(tmp_path / "two", "train/loss")
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4, (one, two)
+
+
+@pytest.mark.parametrize("row,msg", [
+    ({"safer_response_id": 1}, "row 2: contradictory labels"),
+    ({"better_response_id": 3}, "row 2: field 'better_response_id' must be 0 or 1"),
+    ({"response_1": None}, "row 2: missing field 'response_1'"),
+])
+def test_bad_rows_fail_cleanly(tmp_path, row, msg):
+    good = json.loads(open("data/tiny-safety/preference_train.jsonl").readline())
+    good.update(is_response_0_safe=True, is_response_1_safe=False, safer_response_id=0)
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, **row}) + "\n")
+    objective = "reward" if "better" in msg else "cost"
+    p = run("train_preference.py", "--objective", objective, "--model_name_or_path", "assets/tiny-llama",
+            "--train_data", data, "--output_dir", tmp_path / "o", *FAST, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and str(data) in last and msg in last and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_beaver_llama_for_score_checkpoint_loads(tmp_path):
+    """A checkpoint in safe-rlhf's LlamaForScore layout (model.* + score_head + normalizer buffers) loads into our
+    AutoModelForTokenClassification and gives the scores its own math gives."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlamaModel
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained("assets/tiny-llama")
+    backbone = LlamaModel(cfg).eval()
+    head = torch.randn(1, cfg.hidden_size) * 0.1
+    sd = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    sd.update({"score_head.weight": head, "normalizer.mean": torch.tensor([0.5]), "normalizer.var": torch.tensor([4.0]),
+               "normalizer.count": torch.tensor(10)})
+    folder = tmp_path / "beaver"
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    d = cfg.to_dict()
+    d.update(architectures=["LlamaForScore"], score_dim=1, bias=False, score_type="cost")
+    (folder / "config.json").write_text(json.dumps(d))
+    tok = common.load_tokenizer("assets/tiny-llama")
+    model = common.load_score_model(str(folder), tok).eval()
+    ids = torch.tensor([common.tokenize_prompt_response(tok, "how do i pick a lock ?", "sorry , i can not help with that .", 64)[0]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0, :, 0]
+        theirs = (backbone(input_ids=ids).last_hidden_state @ head.T)[0, :, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert model.config.score_mean == pytest.approx(0.5) and model.config.score_std == pytest.approx(2.0)

@@ -1,0 +1,316 @@
+"""Stage 2 of Safe RLHF: the reward model (helpfulness) and the cost model (harmlessness), paper §3.2.
+
+Both are AutoModelForTokenClassification with one label (a score per token); a sequence's score is the score
+at its last response token (its EOS), found from explicit lengths. The two objectives read the *decoupled*
+labels of a PKU-SafeRLHF row:
+
+  reward (eq. 5):  L_R = −E[log σ(R(y_w) − R(y_l))]                               on better_response_id
+  cost   (eq. 6):  L_C = −E[log σ(C(y_u) − C(y_s))] − E[log σ(ξ_u C(y_u))] − E[log σ(ξ_s C(y_s))]
+                   on safer_response_id, with ξ = +1 for an unsafe and −1 for a safe response, so the
+                   classification terms pin the zero point: **cost > 0 means unsafe**.
+  both add regularization · mean(score²) (safe-rlhf: 0.001) to keep scores from drifting.
+
+    python train_preference.py --objective reward            # tiny default, ~1 min on 2 CPU cores
+    python train_preference.py --objective cost
+    torchrun --nproc_per_node=2 train_preference.py --objective cost
+    # safe-rlhf's 7B recipe: --model_name_or_path <sft> --train_data PKU-Alignment/PKU-SafeRLHF:train --epochs 2
+    #   --learning_rate 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 --regularization 0.001
+    #   --per_device_train_batch_size 16 --max_length 512 --activation_checkpointing --bf16
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args:
+    objective: str = "reward"  # reward | cost
+    # --- data and model
+    model_name_or_path: str = "output/sft"  # SFT folder (or any causal-LM / score-model folder)
+    train_data: str = "data/tiny-safety/preference_train.jsonl"
+    eval_data: str = "data/tiny-safety/preference_test.jsonl"
+    output_dir: str = ""  # default: output/reward or output/cost
+    max_length: int = 128
+    chat_template: bool = False
+    skip_invalid_rows: bool = False
+    trust_remote_code: bool = False
+    # --- optimisation (the research knobs)
+    loss_type: str = "sequence-wise"  # sequence-wise | token-wise (safe-rlhf's option)
+    regularization: float = 0.001
+    epochs: int = 4  # tiny default; safe-rlhf 7B: 2
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16  # pairs per rank per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4  # tiny default; safe-rlhf 7B: 2e-5
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # --- systems
+    bf16: bool = True
+    activation_checkpointing: bool = False
+    # --- logging and saving
+    log_every: int = 10
+    eval_batch_size: int = 64
+    score_stats_rows: int = 2048  # training rows scored at the end for the mean/std saved in the config
+    wandb_project: str = ""
+    run_name: str = ""
+    overwrite: bool = False
+    save_model: bool = True
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    if args.objective not in ("reward", "cost"):
+        raise common.UserError(f"--objective must be reward or cost, got {args.objective!r}")
+    if args.loss_type not in ("sequence-wise", "token-wise"):
+        raise common.UserError(f"--loss_type must be sequence-wise or token-wise, got {args.loss_type!r}")
+    args.output_dir = args.output_dir or f"output/{args.objective}"
+    args.run_name = args.run_name or args.objective
+    return args
+
+
+# ----------------------------------------------------------------------------- the losses (paper §3.2)
+def _pairwise(hi, lo, mask):
+    """−log σ(hi − lo), averaged per pair over `mask` when the scores are per token ([B, T])."""
+    nll = -F.logsigmoid(hi - lo)
+    return nll.mean() if mask is None else common.masked_mean(nll, mask)
+
+
+def reward_loss(better, worse, regularization=0.0, mask=None):
+    """Bradley–Terry on the helpfulness label: mean(−log σ(r_better − r_worse)) + reg·mean(r²).
+    `better`, `worse`: end scores [B] (sequence-wise), or per-token scores [B, T] with the pair's `mask`
+    from the first differing token to the later end (token-wise)."""
+    loss = _pairwise(better, worse, mask)
+    scores = torch.cat([better, worse])
+    reg = (scores ** 2).mean() if mask is None else common.masked_mean(scores ** 2, torch.cat([mask, mask]))
+    return loss + regularization * reg
+
+
+def cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, regularization=0.0, mask=None):
+    """Pairwise on the harmlessness label plus the per-response classification terms:
+    mean(−log σ(c_unsafer − c_safer) − log σ(ξ_safer·c_safer) − log σ(ξ_unsafer·c_unsafer)) + reg·mean(c²),
+    ξ = +1 for an unsafe response, −1 for a safe one (so a safe response is pushed to cost < 0)."""
+    xi_s = torch.where(safer_is_safe.bool(), -1.0, 1.0).to(safer.dtype)
+    xi_u = torch.where(unsafer_is_safe.bool(), -1.0, 1.0).to(unsafer.dtype)
+    if mask is not None:
+        xi_s, xi_u = xi_s[:, None], xi_u[:, None]
+    nll = -F.logsigmoid(unsafer - safer) - F.logsigmoid(xi_s * safer) - F.logsigmoid(xi_u * unsafer)
+    loss = nll.mean() if mask is None else common.masked_mean(nll, mask)
+    scores = torch.cat([safer, unsafer])
+    reg = (scores ** 2).mean() if mask is None else common.masked_mean(scores ** 2, torch.cat([mask, mask]))
+    return loss + regularization * reg
+
+
+# ----------------------------------------------------------------------------- data
+def make_pairs(rows, objective, tokenizer, max_length, chat_template, source):
+    """Each row -> (hi_ids, lo_ids, hi_safe, lo_safe): hi is the better (reward) or the safer (cost) response.
+    Rows where either side does not fit even one response token are dropped and counted."""
+    out, truncated, dropped = [], 0, 0
+    for r in rows:
+        hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
+        a = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{hi}"], max_length, chat_template)
+        b = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{1 - hi}"], max_length, chat_template)
+        if a is None or b is None or a[0] == b[0]:  # identical after truncation: no signal
+            dropped += 1
+            continue
+        truncated += a[2] + b[2]
+        out.append((a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)), bool(r.get(f"is_response_{1 - hi}_safe", True))))
+    common.print0(f"[data] {source}: {len(out)} pairs, {truncated} responses truncated at max_length={max_length}, "
+                  f"{dropped} pairs dropped (prompt too long or identical after truncation)")
+    if not out:
+        raise common.UserError(f"{source}: no usable pairs at max_length={max_length}")
+    return out
+
+
+def make_batch(pairs, pad_id, device):
+    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1."""
+    ids, lengths = common.pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    safe = torch.tensor([p[2] for p in pairs] + [p[3] for p in pairs])
+    return ids.to(device), lengths.to(device), safe.to(device)
+
+
+def score_batch(model, ids, lengths):
+    """-> per-token scores [N, T] (float32) and end scores [N] read at each sequence's last token."""
+    scores = model(input_ids=ids).logits.squeeze(-1).float()  # right padding: causal attention ignores pads
+    end = scores.gather(1, (lengths - 1)[:, None]).squeeze(1)
+    return scores, end
+
+
+def token_wise_mask(ids, lengths, B):
+    """safe-rlhf's token-wise loss: per pair, positions from the first token where the two sequences differ
+    to the later of their two ends."""
+    hi, lo = ids[:B], ids[B:]
+    T = ids.shape[1]
+    differ = (hi != lo).float()
+    first = torch.where(differ.any(1), differ.argmax(1), torch.zeros_like(lengths[:B]))
+    end = torch.maximum(lengths[:B], lengths[B:])
+    return common.length_mask(end - first, T, start=first)
+
+
+def batch_loss(model, batch, args):
+    ids, lengths, safe = batch
+    B = ids.shape[0] // 2
+    scores, end = score_batch(model, ids, lengths)
+    if args.loss_type == "token-wise":
+        hi, lo, mask = scores[:B], scores[B:], token_wise_mask(ids, lengths, B)
+    else:
+        hi, lo, mask = end[:B], end[B:], None
+    if args.objective == "reward":
+        loss = reward_loss(hi, lo, args.regularization, mask)
+    else:
+        loss = cost_loss(hi, lo, safe[:B], safe[B:], args.regularization, mask)
+    return loss, end[:B], end[B:]
+
+
+@torch.no_grad()
+def evaluate(model, pairs, args, pad_id, rank, world, device):
+    """Pairwise accuracy (hi scored above lo; for cost: the unsafer costs more), and for the cost model the
+    sign accuracy (cost > 0 exactly on unsafe responses), plus score mean/std of safe and unsafe responses."""
+    model.eval()
+    mine = pairs[rank::world]
+    bs = args.eval_batch_size
+    n_batches = int(common.all_reduce(math.ceil(len(mine) / bs), "max"))
+    hi_all, lo_all, safe_hi, safe_lo = [], [], [], []
+    for i in range(n_batches):  # every rank runs the same number of forward passes
+        chunk = mine[i * bs:(i + 1) * bs]
+        ids, lengths, safe = make_batch(chunk or mine[:1], pad_id, device)
+        _, end = score_batch(model, ids, lengths)
+        if chunk:
+            B = len(chunk)
+            hi_all += end[:B].tolist(); lo_all += end[B:].tolist()
+            safe_hi += safe[:B].tolist(); safe_lo += safe[B:].tolist()
+    model.train()
+    hi, lo = torch.tensor(common.gather_objects(hi_all)), torch.tensor(common.gather_objects(lo_all))
+    safe_flags = torch.tensor(common.gather_objects(safe_hi) + common.gather_objects(safe_lo), dtype=torch.bool)
+    scores = torch.cat([hi, lo])
+    if args.objective == "reward":
+        acc = (hi > lo).float().mean().item()
+    else:
+        acc = (lo > hi).float().mean().item()  # hi = safer: the unsafer response must cost more
+    out = {"eval/accuracy": acc, "eval/n_pairs": len(hi),
+           "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
+    for name, sel in (("safe", safe_flags), ("unsafe", ~safe_flags)):
+        if sel.any():
+            out[f"eval/{name}_score_mean"] = scores[sel].mean().item()
+            out[f"eval/{name}_score_std"] = scores[sel].std().item() if sel.sum() > 1 else 0.0
+    if args.objective == "cost":
+        out["eval/sign_accuracy"] = ((scores > 0) == ~safe_flags).float().mean().item()
+        out["eval/unsafe_fraction"] = (~safe_flags).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def score_statistics(model, pairs, args, pad_id, rank, world, device):
+    """Mean and std of the end scores of (up to score_stats_rows) training responses: saved in the config so a
+    later stage can normalise (RLHF-DETAILS 8)."""
+    model.eval()
+    sub = pairs[:args.score_stats_rows][rank::world]
+    s, s2, n = 0.0, 0.0, 0
+    bs = args.eval_batch_size
+    for i in range(int(common.all_reduce(math.ceil(len(sub) / bs), "max"))):
+        chunk = sub[i * bs:(i + 1) * bs]
+        ids, lengths, _ = make_batch(chunk or sub[:1], pad_id, device)
+        _, end = score_batch(model, ids, lengths)
+        if chunk:
+            s, s2, n = s + end.sum().item(), s2 + (end ** 2).sum().item(), n + end.numel()
+    s, s2, n = common.all_reduce(s), common.all_reduce(s2), common.all_reduce(n)
+    mean = s / n
+    return mean, math.sqrt(max(s2 / n - mean ** 2, 0.0))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.setup_distributed()
+    torch.manual_seed(args.seed)
+
+    # 1. validate everything up front
+    common.check_output_dir(args.output_dir, args.overwrite)
+    train_rows = common.load_rows(args.train_data, args.objective, args.skip_invalid_rows)
+    eval_rows = common.load_rows(args.eval_data, args.objective, args.skip_invalid_rows) if args.eval_data else []
+    tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data)
+    evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data) \
+        if eval_rows else []
+    global_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
+    if len(train) < global_batch:
+        raise common.UserError(f"{args.train_data}: {len(train)} pairs < one global batch of {global_batch}")
+    steps_per_epoch = len(train) // global_batch
+    total = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
+    common.print0(f"[{args.objective}] world {world}, global batch {global_batch} pairs, {steps_per_epoch} steps/epoch, "
+                  f"{total} steps, loss {args.loss_type}")
+
+    # 2. score model from the SFT folder, FSDP2, AdamW (0.9, 0.95), warmup + cosine
+    model = common.load_score_model(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
+    model.config.use_cache = False
+    common.shard_model(model, device, mixed_precision=args.bf16 and device.type == "cuda",
+                       activation_checkpointing=args.activation_checkpointing)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
+    sched = common.cosine_schedule(opt, int(args.warmup_ratio * total), total)
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name)
+
+    # 3. train; each step's loss is the mean over the global batch's pairs (every rank holds the same number)
+    step, pad_id, acc = 0, tokenizer.pad_token_id, args.gradient_accumulation_steps
+    bar = common.progress(total=total, desc=args.objective)
+    for epoch in range(args.epochs):
+        for idx in common.batches(len(train), global_batch, rank, world, args.seed, epoch):
+            if step >= total:
+                break
+            loss_sum, right = 0.0, 0.0
+            for k in range(acc):
+                model.set_requires_gradient_sync(k == acc - 1)
+                batch = make_batch([train[j] for j in idx[k::acc]], pad_id, device)
+                loss, hi, lo = batch_loss(model, batch, args)
+                (loss / acc).backward()
+                loss_sum += loss.item() / acc
+                right += ((hi > lo) if args.objective == "reward" else (lo > hi)).float().mean().item() / acc
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            if not math.isfinite(gnorm.item()):
+                raise common.UserError(f"non-finite gradient norm at step {step + 1}: stopping before it is saved")
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == 1 or step == total:
+                loss_g, acc_g = common.all_reduce(loss_sum) / world, common.all_reduce(right) / world
+                logger.log(step, {"train/loss": loss_g, "train/accuracy": acc_g, "train/lr": sched.get_last_lr()[0],
+                                  "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
+                bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
+        if evald:
+            logger.log(step, {**evaluate(model, evald, args, pad_id, rank, world, device), "train/epoch": epoch + 1})
+        if step >= total:
+            break
+    bar.close()
+
+    # 4. final evaluation -> eval.json; score statistics -> config; save the HF folder
+    result = evaluate(model, evald, args, pad_id, rank, world, device) if evald else {}
+    mean, std = score_statistics(model, train, args, pad_id, rank, world, device)
+    if result:
+        msg = f"[{args.objective}] held-out pairwise accuracy {result['eval/accuracy']:.2%} over {result['eval/n_pairs']} pairs"
+        if args.objective == "cost":
+            msg += f", sign accuracy (cost > 0 = unsafe) {result['eval/sign_accuracy']:.2%}"
+        common.print0(msg)
+    if args.save_model:
+        common.save_hf(model, tokenizer, args.output_dir,
+                       extra_config={"score_mean": mean, "score_std": std, "score_objective": args.objective})
+        if common.is_rank0():
+            import json
+            with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+                json.dump({**result, "train/score_mean": mean, "train/score_std": std}, f, indent=2)
+        common.print0(f"[{args.objective}] saved {args.output_dir}")
+    logger.log(step, {**result, "train/score_mean": mean, "train/score_std": std}, echo=False)
+    logger.close()
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.entrypoint(main)
