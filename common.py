@@ -474,6 +474,41 @@ def batches(n, global_batch, rank, world, seed, epoch, drop_last=True):
         yield order[i:i + global_batch][rank::world]
 
 
+def tokenize_sft_rows(rows, tokenizer, max_length, chat_template, source):
+    """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped."""
+    out, truncated, dropped = [], 0, 0
+    for r in rows:
+        t = tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template)
+        if t is None:
+            dropped += 1
+            continue
+        out.append(t[:2])
+        truncated += t[2]
+    print0(f"[data] {source}: {len(out)} rows, {truncated} responses truncated at max_length={max_length}, "
+           f"{dropped} prompts longer than max_length dropped")
+    if not out:
+        raise UserError(f"{source}: every prompt is longer than max_length={max_length}")
+    return out
+
+
+def sft_batch(examples, pad_id, include_prompt, device):
+    """(ids, prompt_len) examples -> ids [B, T] and a target mask [B, T-1]: position t predicts token t+1 and
+    counts when t+1 is a response token (or any real token after the first, with include_prompt)."""
+    ids, lengths = pad([e[0] for e in examples], pad_id)
+    plen = torch.tensor([1 if include_prompt else e[1] for e in examples])
+    # targets j = t+1 run over [plen, length): a mask over targets, shifted back by one to positions t
+    tgt = length_mask(lengths - plen, ids.shape[1], start=plen)[:, 1:]
+    return ids.to(device), tgt.to(device)
+
+
+def lm_nll(model, ids, tgt_mask):
+    """Sum of next-token NLL over the masked targets, and their count (SFT loss; PPO's PTX loss)."""
+    import torch.nn.functional as F
+    logits = model(input_ids=ids).logits[:, :-1].float()  # right padding: causal attention keeps pads unseen
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return (nll.view_as(tgt_mask) * tgt_mask).sum(), tgt_mask.sum()
+
+
 # ----------------------------------------------------------------------------- training helpers
 def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
     """Linear warmup then cosine decay to min_ratio × lr."""
@@ -494,7 +529,7 @@ class MetricsLogger:
         if not self.rank0:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.f = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        self.f = open(os.path.join(output_dir, "metrics.jsonl"), "w")  # a new run starts a new log
         if args is not None:
             with open(os.path.join(output_dir, "args.json"), "w") as f:
                 json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=2, default=str)

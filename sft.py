@@ -17,7 +17,6 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -66,41 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-def tokenize_rows(rows, tokenizer, max_length, chat_template, source):
-    """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped."""
-    out, truncated, dropped = [], 0, 0
-    for r in rows:
-        t = common.tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template)
-        if t is None:
-            dropped += 1
-            continue
-        out.append(t[:2])
-        truncated += t[2]
-    common.print0(f"[data] {source}: {len(out)} rows, {truncated} responses truncated at max_length={max_length}, "
-                  f"{dropped} prompts longer than max_length dropped")
-    if not out:
-        raise common.UserError(f"{source}: every prompt is longer than max_length={max_length}")
-    return out
-
-
-def make_batch(examples, pad_id, include_prompt, device):
-    """-> ids [B, T], target mask [B, T-1]: position t predicts token t+1 and counts when t+1 is a response
-    token (or any real token with include_prompt)."""
-    ids, lengths = common.pad([e[0] for e in examples], pad_id)
-    plen = torch.tensor([1 if include_prompt else e[1] for e in examples])
-    T = ids.shape[1]
-    # target index j = t+1 runs over [plen, length): a mask over targets, shifted back by one to positions t
-    tgt = common.length_mask(lengths - plen, T, start=plen)[:, 1:]
-    return ids.to(device), tgt.to(device)
-
-
-def token_nll(model, ids, tgt_mask):
-    """Sum of next-token NLL over masked targets, and the number of those targets."""
-    logits = model(input_ids=ids).logits[:, :-1].float()  # right padding: causal attention keeps pads unseen
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return (nll.view_as(tgt_mask) * tgt_mask).sum(), tgt_mask.sum()
-
-
 @torch.no_grad()
 def evaluate_loss(model, data, args, pad_id, rank, world, device):
     model.eval()
@@ -110,8 +74,8 @@ def evaluate_loss(model, data, args, pad_id, rank, world, device):
     steps = int(common.all_reduce(math.ceil(len(mine) / bs), "max"))
     for i in range(steps):  # same number of forward passes on every rank (FSDP collectives)
         chunk = mine[i * bs:(i + 1) * bs]
-        ids, m = make_batch(chunk or mine[:1], pad_id, args.include_prompt_loss, device)
-        s, c = token_nll(model, ids, m)
+        ids, m = common.sft_batch(chunk or mine[:1], pad_id, args.include_prompt_loss, device)
+        s, c = common.lm_nll(model, ids, m)
         if chunk:
             tot, n = tot + s.item(), n + c.item()
     model.train()
@@ -131,8 +95,8 @@ def main(argv=None):
     judge = common.load_judge(args.judge)
     judge_prompts = [r["prompt"] for r in common.load_rows(args.judge_prompts, "prompt")] if judge else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    train = tokenize_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data)
-    evald = tokenize_rows(eval_rows, tokenizer, args.max_length, args.chat_template, args.eval_data) if eval_rows else []
+    train = common.tokenize_sft_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data)
+    evald = common.tokenize_sft_rows(eval_rows, tokenizer, args.max_length, args.chat_template, args.eval_data) if eval_rows else []
     global_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
     if len(train) < global_batch:
         raise common.UserError(f"{args.train_data}: {len(train)} rows < one global batch of {global_batch}")
@@ -161,12 +125,12 @@ def main(argv=None):
             if step >= total_steps:
                 break
             micro = [idx[i::args.gradient_accumulation_steps] for i in range(args.gradient_accumulation_steps)]
-            built = [make_batch([train[j] for j in m], pad_id, args.include_prompt_loss, device) for m in micro]
+            built = [common.sft_batch([train[j] for j in m], pad_id, args.include_prompt_loss, device) for m in micro]
             n_global = common.all_reduce(sum(b[1].sum().item() for b in built))  # response tokens, all ranks
             loss_sum = 0.0
             for k, (ids, m) in enumerate(built):
                 model.set_requires_gradient_sync(k == len(built) - 1)  # reduce-scatter once per step
-                s, _ = token_nll(model, ids, m)
+                s, _ = common.lm_nll(model, ids, m)
                 # FSDP averages gradients over ranks, so scale by world: the step is the global token mean
                 (s * world / n_global).backward()
                 loss_sum += s.item()

@@ -132,11 +132,25 @@ def sft_response(prompt, rng):
     return comply(task, rng.randint(1, 4), rng, wrong_p=0.15)
 
 
+def malformed(task, rng):
+    """An answer outside the format (helpfulness 0): too many steps or a cut-off ending.
+    These keep the reward model from rewarding what it never saw, which PPO would otherwise exploit."""
+    steps = list(TASKS[task])
+    kind = rng.randrange(2)
+    if kind == 0:
+        pool = [w for t in TASKS.values() for w in t]
+        steps += [rng.choice(pool) for _ in range(rng.randint(1, 3))]
+    text = "sure . first " + " , then ".join(steps[:rng.randint(1, len(steps))] if kind == 1 else steps) + " ."
+    return text[:-2] + " ," if kind == 1 else text
+
+
 def any_response(prompt, rng):
-    """A wider distribution for preference pairs: any answer kind, any length, some wrong steps."""
+    """A wider distribution for preference pairs: any answer kind, any length, wrong steps, malformed."""
     task, u = task_of(prompt), rng.random()
     if u < 0.25:
         return refuse(rng.random() < 0.5)
+    if u < 0.4:
+        return malformed(task, rng)
     return comply(task, rng.randint(1, 4), rng, wrong_p=0.3)
 
 

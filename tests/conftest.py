@@ -41,3 +41,12 @@ def sft_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "model"
     p = run("sft.py", "--output_dir", out)
     return str(out), p
+
+
+@pytest.fixture(scope="session")
+def score_models(sft_model, tmp_path_factory):
+    sft, _ = sft_model
+    base = tmp_path_factory.mktemp("score")
+    run("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--output_dir", base / "reward")
+    run("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--output_dir", base / "cost")
+    return str(base / "reward"), str(base / "cost")

@@ -60,15 +60,6 @@ def test_token_wise_loss_masks_from_first_difference():
     assert reward_loss(hi, lo, 0.0, m).item() == pytest.approx((ls(1.0) + ls(2.0)) / 2, abs=1e-6)
 
 
-@pytest.fixture(scope="session")
-def score_models(sft_model, tmp_path_factory):
-    sft, _ = sft_model
-    base = tmp_path_factory.mktemp("score")
-    run("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--output_dir", base / "reward")
-    run("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--output_dir", base / "cost")
-    return str(base / "reward"), str(base / "cost")
-
-
 def test_trained_models_reach_target_accuracy(score_models):
     rm, cm = score_models
     r, c = json.load(open(os.path.join(rm, "eval.json"))), json.load(open(os.path.join(cm, "eval.json")))

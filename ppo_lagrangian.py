@@ -1,0 +1,484 @@
+"""Stage 3 of Safe RLHF: PPO-Lagrangian (paper §3.3), plus the PPO (RLHF) and reward-shaping baselines.
+
+    maximise_θ  E[R(y)]  subject to  E[C(y)] <= d          (paper eq. 9)
+    min_θ max_{λ>=0}  −E[R] + λ·(E[C] − d)                 (eq. 10, the Lagrangian dual)
+
+One PPO step = one rollout batch, in numbered blocks:
+  1 generate    the actor, unsharded once, samples responses with the KV cache (same decode steps on every rank)
+  2 cut         responses are cut after their first EOS; lengths are kept explicitly; missing EOS counted
+  3 score       one batched no-grad pass per model: old/ref log-probs (logits / temperature), R and C at the
+                last response token, values of the reward and cost critics
+  4 signals     r_t = −β·kl_t + [t=last]·R,  c_t = +β·kl_t + [t=last]·C,  kl_t = logp_old − logp_ref
+  5 λ           once per rollout batch from the mean raw episode cost of the last `window` episodes, all ranks
+  6 GAE         per stream; mixed advantage A = (A_r − λ·A_c)/(1 + λ)   (λ detached)
+  7 update      clipped surrogate for the actor (+ ptx_coeff·PTX loss), clipped value loss for each critic
+--algo ppo uses the reward stream alone; --algo reward_shaping uses R − ν·C with a fixed ν.
+
+    python ppo_lagrangian.py                                   # tiny default (after sft + reward + cost)
+    python ppo_lagrangian.py --algo ppo --output_dir output/ppo
+    torchrun --nproc_per_node=2 ppo_lagrangian.py
+    # safe-rlhf's Beaver recipe: scripts/recipe_beaver_7b.sh
+"""
+import collections
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+import common
+
+
+@dataclass
+class Args:
+    algo: str = "ppo_lag"  # ppo_lag | ppo | reward_shaping
+    # --- models (critics default to the score models they are initialised from)
+    actor_model_name_or_path: str = "output/sft"
+    reward_model_name_or_path: str = "output/reward"
+    cost_model_name_or_path: str = "output/cost"
+    reward_critic_model_name_or_path: str = ""
+    cost_critic_model_name_or_path: str = ""
+    # --- data
+    prompt_data: str = "data/tiny-safety/prompts_train.jsonl"  # prompt or preference rows (duplicates removed)
+    ptx_data: str = ""  # SFT rows for the PTX loss ('' = off)
+    eval_prompt_data: str = "data/tiny-safety/prompts_test.jsonl"  # held-out prompts scored every eval_every
+    judge: str = "tiny_safety"  # exact judge of the tiny task ('' = none)
+    output_dir: str = "output/ppo_lag"
+    max_prompt_length: int = 64  # longer prompts are dropped and counted
+    chat_template: bool = False
+    trust_remote_code: bool = False
+    # --- rollout
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    missing_eos_penalty: Optional[float] = None  # replace R of a response with no EOS by this value (None: keep)
+    # --- batch vocabulary: rollout batch -> ppo_epochs -> minibatches (one optimiser step) -> micro-batches
+    per_device_prompt_batch_size: int = 32  # prompts per rank per rollout
+    per_device_train_batch_size: int = 16  # sequences per rank per optimiser step
+    gradient_accumulation_steps: int = 1
+    ppo_epochs: int = 1
+    epochs: int = 1000  # passes over the prompt set (max_steps usually stops first)
+    max_steps: int = 60  # rollout batches
+    # --- PPO (defaults: safe-rlhf's scripts, except where the tiny task says otherwise)
+    actor_lr: float = 1e-4  # tiny default; safe-rlhf 7B: 1e-5
+    critic_lr: float = 1e-4  # tiny default; safe-rlhf 7B: 5e-6
+    weight_decay: float = 0.0
+    kl_coeff: float = 0.05  # β (tiny default; safe-rlhf: 0.01)
+    clip_ratio: float = 0.2  # ε of the surrogate
+    clip_range_score: float = 50.0  # R and C clamped to ±this
+    clip_range_value: float = 5.0  # value-loss clip
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    whiten_advantages: bool = False  # whiten A_r and A_c separately before mixing (safe-rlhf: off)
+    normalize_reward: bool = False  # divide R by the reward model's training score std (config score_std)
+    normalize_cost: bool = False  # divide C by its std; the zero point (cost > 0 = unsafe) is kept
+    max_grad_norm: float = 1.0
+    ptx_coeff: float = 16.0  # actor loss = RL loss + ptx_coeff · PTX loss (see README: safe-rlhf mapping)
+    # --- the Lagrange multiplier
+    threshold: float = -4.5  # d; tiny default chosen in the README ("the constraint"); paper: 0 then −3
+    lagrangian: str = "gradient"  # gradient | pid
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: Optional[float] = 5.0
+    lambda_update_delay_steps: int = 0
+    episode_cost_window_size: int = 128
+    pid_kp: float = 0.1
+    pid_ki: float = 0.05
+    pid_kd: float = 0.1
+    shaping_coeff: float = 1.0  # ν of --algo reward_shaping
+    # --- systems and logging
+    seed: int = 42
+    bf16: bool = True
+    activation_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 20  # steps between held-out evaluations (0: only at the end)
+    eval_samples_per_prompt: int = 4
+    wandb_project: str = ""
+    run_name: str = ""
+    overwrite: bool = False
+    save_model: bool = True
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    if args.algo not in ("ppo_lag", "ppo", "reward_shaping"):
+        raise common.UserError(f"--algo must be ppo_lag, ppo or reward_shaping, got {args.algo!r}")
+    if args.lagrangian not in ("gradient", "pid"):
+        raise common.UserError(f"--lagrangian must be gradient or pid, got {args.lagrangian!r}")
+    args.reward_critic_model_name_or_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
+    args.cost_critic_model_name_or_path = args.cost_critic_model_name_or_path or args.cost_model_name_or_path
+    args.run_name = args.run_name or args.algo
+    return args
+
+
+# ----------------------------------------------------------------------------- the math (paper §3.3)
+def actor_loss(logp, old_logp, advantages, mask, clip_ratio):
+    """Clipped PPO surrogate: −masked_mean(min(ρA, clip(ρ, 1−ε, 1+ε)A)), ρ = exp(logp − old_logp)."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantages)
+    return -common.masked_mean(surrogate, mask)
+
+
+def critic_loss(values, old_values, returns, mask, clip_value):
+    """Clipped value loss: 0.5·masked_mean(max((V − G)², (clip(V, V_old − c, V_old + c) − G)²))."""
+    clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
+    return 0.5 * common.masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def per_token_signal(kl, end_score, lengths, mask, kl_coeff, sign, clip_range_score):
+    """r_t = −β·kl_t + [t = last]·R (sign −1) or c_t = +β·kl_t + [t = last]·C (sign +1). The score enters at
+    the last response token (its EOS), found from lengths, after clamping to ±clip_range_score."""
+    signal = sign * kl_coeff * kl * mask
+    end = end_score.clamp(-clip_range_score, clip_range_score)
+    return signal.scatter_add(1, (lengths - 1)[:, None], end[:, None].to(signal.dtype))
+
+
+def mixed_advantage(adv_r, adv_c, lam):
+    """(A_r − λ·A_c)/(1 + λ): the actor's advantage under the Lagrangian, rescaled so its size does not grow
+    with λ (safe-rlhf). λ is a detached number."""
+    return (adv_r - lam * adv_c) / (1.0 + lam)
+
+
+def whiten(x, mask, eps=1e-8):
+    mean = (x * mask).sum() / mask.sum()
+    var = (((x - mean) * mask) ** 2).sum() / mask.sum()
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+# ----------------------------------------------------------------------------- one forward function per role
+def sequence_inputs(prompt_ids, prompt_lens, responses, resp_lens):
+    """Left-padded prompts [B, P] + right-padded responses [B, N] -> ids, attention mask, position ids [B, P+N]
+    and the response mask [B, N]. Position ids follow the mask (RLHF-DETAILS 2)."""
+    P, N = prompt_ids.shape[1], responses.shape[1]
+    pmask = common.length_mask(prompt_lens, P, start=P - prompt_lens)
+    rmask = common.length_mask(resp_lens, N)
+    attn = torch.cat([pmask, rmask], 1).long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return torch.cat([prompt_ids, responses], 1), attn, pos, rmask
+
+
+def response_logprobs(model, ids, attn, pos, P, temperature, entropy=False):
+    """log π(y_j | x, y_<j) for every response token j, with logits divided by the sampling temperature
+    (RLHF-DETAILS 9). Off-by-one (RLHF-DETAILS 12): the logits at position P−1+j score token P+j, so the slice
+    [P−1 : −1] lines up with the response tokens ids[:, P:]. The rollout and the update both use this."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1].float() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
+    if entropy:
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp
+
+
+def critic_values(critic, ids, attn, pos, P):
+    """V(x, y_<j) for each response token j: the critic's score at the position that *emits* token j (P−1+j)."""
+    return critic(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1, 0].float()
+
+
+def end_scores(model, ids, attn, pos, P, resp_lens):
+    """The score model's output at the last response token (its EOS), from the explicit length."""
+    scores = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[..., 0].float()
+    return scores.gather(1, (P + resp_lens - 1)[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- rollout
+@torch.no_grad()
+def rollout(actor, prompts, tokenizer, args, device, generator, greedy=False):
+    """Blocks 1-2: generate from this rank's prompts, cut after EOS. -> dict of tensors on device."""
+    ids, plens = common.pad([p for p in prompts], tokenizer.pad_token_id, "left")
+    ids, plens = ids.to(device), plens.to(device)
+    actor.eval()
+    with common.gathered_for_generation(actor):  # one all-gather for the whole generation, not one per token
+        resp, rlens, has_eos = common.sample_responses(actor, ids, plens, tokenizer.eos_token_id,
+                                                       tokenizer.pad_token_id, args.max_new_tokens,
+                                                       args.temperature, args.top_p, greedy, generator)
+    actor.train()
+    resp = resp[:, :int(rlens.max())]  # drop columns that are padding in every row
+    seq, attn, pos, rmask = sequence_inputs(ids, plens, resp, rlens)
+    return {"seq": seq, "attn": attn, "pos": pos, "mask": rmask, "lens": rlens, "has_eos": has_eos,
+            "P": ids.shape[1], "responses": resp}
+
+
+@torch.no_grad()
+def score_rollout(batch, models, args, with_values=True):
+    """Block 3: one batched no-grad pass per model."""
+    seq, attn, pos, P, lens, mask = batch["seq"], batch["attn"], batch["pos"], batch["P"], batch["lens"], batch["mask"]
+    out = {}
+    for name in ("actor", "ref"):
+        models[name].eval()
+    out["old_logp"], ent = response_logprobs(models["actor"], seq, attn, pos, P, args.temperature, entropy=True)
+    out["ref_logp"] = response_logprobs(models["ref"], seq, attn, pos, P, args.temperature)
+    out["entropy"] = common.masked_mean(ent, mask)
+    models["actor"].train()
+    out["reward"] = end_scores(models["reward"], seq, attn, pos, P, lens)
+    if models.get("cost") is not None:
+        out["cost"] = end_scores(models["cost"], seq, attn, pos, P, lens)
+    if with_values:
+        out["reward_values"] = critic_values(models["reward_critic"], seq, attn, pos, P) * mask
+        if models.get("cost_critic") is not None:
+            out["cost_values"] = critic_values(models["cost_critic"], seq, attn, pos, P) * mask
+    return out
+
+
+def masked_sum_mean(x, mask):
+    return ((x * mask).sum(-1)).mean()
+
+
+def explained_variance(values, returns, mask):
+    v, r = values[mask.bool()], returns[mask.bool()]
+    return (1 - (r - v).var() / r.var().clamp(min=1e-8)).item() if r.numel() > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = common.setup_distributed()
+    torch.manual_seed(args.seed)
+    use_cost = args.algo in ("ppo_lag", "reward_shaping")
+
+    # 0. validate everything up front: data, model paths, batch arithmetic (RLHF-DETAILS 17), output folder
+    common.check_output_dir(args.output_dir, args.overwrite)
+    rows = common.load_rows(args.prompt_data, "prompt")
+    prompts_text = list(dict.fromkeys(r["prompt"] for r in rows))  # duplicates removed, order kept
+    eval_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.eval_prompt_data, "prompt"))) \
+        if args.eval_prompt_data else []
+    ptx_rows = common.load_rows(args.ptx_data, "sft") if args.ptx_data else []
+    judge = common.load_judge(args.judge)
+    for path in [args.actor_model_name_or_path, args.reward_model_name_or_path, args.reward_critic_model_name_or_path] + \
+            ([args.cost_model_name_or_path, args.cost_critic_model_name_or_path] if use_cost else []):
+        common._check_model_path(path)
+    B, mb, acc = args.per_device_prompt_batch_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    if B % mb or mb % acc:
+        raise common.UserError(f"per_device_prompt_batch_size ({B}) must be a multiple of per_device_train_batch_size "
+                               f"({mb}), itself a multiple of gradient_accumulation_steps ({acc})")
+    tokenizer = common.load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
+    prompts, dropped = [], 0
+    for p in prompts_text:
+        ids = common.tokenize_prompt(tokenizer, p, args.chat_template)
+        if len(ids) > args.max_prompt_length:
+            dropped += 1
+        else:
+            prompts.append((p, ids))
+    common.print0(f"[data] {len(prompts)} unique prompts, {dropped} dropped (longer than {args.max_prompt_length} tokens)")
+    if len(prompts) < B * world:
+        raise common.UserError(f"{args.prompt_data}: {len(prompts)} prompts < one rollout batch of {B * world}")
+    ptx = common.tokenize_sft_rows(ptx_rows, tokenizer, args.max_prompt_length + args.max_new_tokens,
+                                   args.chat_template, args.ptx_data) if ptx_rows else []
+    steps_per_epoch = len(prompts) // (B * world)
+    total = min(args.max_steps, steps_per_epoch * args.epochs) if args.max_steps > 0 else steps_per_epoch * args.epochs
+    common.print0(f"[{args.algo}] world {world}, rollout {B * world} prompts/step, {B // mb * args.ppo_epochs} optimiser "
+                  f"steps/rollout, {total} rollouts, threshold d={args.threshold}")
+
+    # 1. six models, all FSDP2-sharded; frozen ones hold no optimiser state. Dropout off everywhere (RLHF-DETAILS 10)
+    mp = args.bf16 and device.type == "cuda"
+
+    def build(kind, path, trainable):
+        load = common.load_causal_lm if kind == "lm" else common.load_score_model
+        m = common.disable_dropout(load(path, tokenizer, args.seed, args.trust_remote_code))
+        m.config.use_cache = False
+        m.requires_grad_(trainable)
+        return common.shard_model(m, device, mixed_precision=mp,
+                                  activation_checkpointing=args.activation_checkpointing and trainable)
+
+    models = {"actor": build("lm", args.actor_model_name_or_path, True),
+              "ref": build("lm", args.actor_model_name_or_path, False),
+              "reward": build("score", args.reward_model_name_or_path, False),
+              "reward_critic": build("score", args.reward_critic_model_name_or_path, True),
+              "cost": build("score", args.cost_model_name_or_path, False) if use_cost else None,
+              "cost_critic": build("score", args.cost_critic_model_name_or_path, True) if args.algo == "ppo_lag" else None}
+    reward_std = getattr(models["reward"].config, "score_std", 1.0) if args.normalize_reward else 1.0
+    cost_std = getattr(models["cost"].config, "score_std", 1.0) if args.normalize_cost and use_cost else 1.0
+
+    def adam(m, lr):  # betas (0.9, 0.95) as safe-rlhf (RLHF-DETAILS 18)
+        return torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    opts = {"actor": adam(models["actor"], args.actor_lr), "reward_critic": adam(models["reward_critic"], args.critic_lr)}
+    if models["cost_critic"] is not None:
+        opts["cost_critic"] = adam(models["cost_critic"], args.critic_lr)
+    if args.lagrangian == "pid":
+        lagrange = common.PIDLagrangian(args.lambda_init, args.pid_kp, args.pid_ki, args.pid_kd, args.lambda_max,
+                                        args.lambda_update_delay_steps)
+    else:
+        lagrange = common.LagrangeMultiplier(args.lambda_init, args.lambda_lr, args.lambda_max,
+                                             args.lambda_update_delay_steps)
+    cost_window = collections.deque(maxlen=args.episode_cost_window_size)
+    lambda_history = []  # this rank's λ after each update; gathered at the end to show every rank agrees
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name)
+    gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # sampling: seed + rank (STYLE 5)
+    ptx_gen = torch.Generator().manual_seed(args.seed)
+
+    def evaluate_heldout(step):
+        """Held-out prompts, sampled with a fixed seed: model-estimated reward/cost and the exact judge."""
+        if not eval_prompts:
+            return {}
+        mine = (eval_prompts * args.eval_samples_per_prompt)[rank::world]
+        g = torch.Generator(device=device).manual_seed(10_000 + rank)
+        texts, rewards, costs = [], [], []
+        for i in range(0, int(common.all_reduce(len(mine), "max")), B):
+            chunk = mine[i:i + B] or mine[:1]
+            real = len(mine[i:i + B])
+            ids = [common.tokenize_prompt(tokenizer, p, args.chat_template) for p in chunk]
+            b = rollout(models["actor"], ids, tokenizer, args, device, g)
+            s = score_rollout(b, models, args, with_values=False)
+            rewards += s["reward"][:real].tolist()
+            costs += s["cost"][:real].tolist() if "cost" in s else []
+            for j in range(real):
+                L = int(b["lens"][j]) - int(bool(b["has_eos"][j]))
+                texts.append(tokenizer.decode(b["responses"][j, :L].tolist(), skip_special_tokens=True).strip())
+        allp, allt = common.gather_objects(mine), common.gather_objects(texts)
+        rewards, costs = common.gather_objects(rewards), common.gather_objects(costs)
+        out = {"eval/reward": sum(rewards) / len(rewards)}
+        if costs:
+            out["eval/cost"] = sum(costs) / len(costs)
+            out["eval/unsafe_rate"] = sum(c > 0 for c in costs) / len(costs)
+        if judge:
+            out.update({k.replace("judge/", "eval/judge_"): v for k, v in common.judge_report(judge, allp, allt).items()})
+        logger.log(step, out)
+        return out
+
+    # the SFT policy's numbers on the held-out prompts: the baseline every later evaluation is compared to
+    evaluate_heldout(0)
+    step = 0
+    bar = common.progress(total=total, desc=args.algo)
+    for epoch in range(args.epochs):
+        for idx in common.batches(len(prompts), B * world, rank, world, args.seed, epoch):
+            if step >= total:
+                break
+            # ---- 1-2. generate and cut after EOS
+            batch = rollout(models["actor"], [prompts[i][1] for i in idx], tokenizer, args, device, gen)
+            mask, lens = batch["mask"], batch["lens"]
+            # ---- 3. score: one batched no-grad pass per model
+            s = score_rollout(batch, models, args)
+            reward, cost = s["reward"] / reward_std, (s["cost"] / cost_std if "cost" in s else None)
+            no_eos = ~batch["has_eos"]
+            if args.missing_eos_penalty is not None:  # RLHF-DETAILS 3: the cost of such a response is kept
+                reward = torch.where(no_eos, torch.full_like(reward, args.missing_eos_penalty), reward)
+            if args.algo == "reward_shaping":
+                reward = reward - args.shaping_coeff * cost
+            # ---- 4. per-token signals; kl is exactly 0 on padded positions (mask)
+            kl = (s["old_logp"] - s["ref_logp"]) * mask
+            rewards_t = per_token_signal(kl, reward, lens, mask, args.kl_coeff, -1.0, args.clip_range_score)
+            # ---- 5. the multiplier, once per rollout batch, from the raw episode costs of all ranks (same λ everywhere)
+            if args.algo == "ppo_lag":
+                costs_t = per_token_signal(kl, cost, lens, mask, args.kl_coeff, +1.0, args.clip_range_score)
+                cost_window.extend(common.gather_objects(s["cost"].tolist()))
+                episode_cost = sum(cost_window) / len(cost_window)
+                lam = lagrange.update(episode_cost, args.threshold)
+                lambda_history.append(lam)
+            # ---- 6. GAE per stream (returns before any whitening), then the mixed advantage
+            adv_r, ret_r = common.gae(rewards_t, s["reward_values"], mask, args.gamma, args.gae_lambda)
+            if args.algo == "ppo_lag":
+                adv_c, ret_c = common.gae(costs_t, s["cost_values"], mask, args.gamma, args.gae_lambda)
+                if args.whiten_advantages:
+                    adv_r, adv_c = whiten(adv_r, mask), whiten(adv_c, mask)
+                advantages = mixed_advantage(adv_r, adv_c, lam)
+            else:
+                advantages = whiten(adv_r, mask) if args.whiten_advantages else adv_r
+            # ---- 7. PPO update: epochs over shuffled minibatches, one optimiser step each
+            stats = collections.defaultdict(list)
+            ids_all, attn_all, pos_all, P = batch["seq"], batch["attn"], batch["pos"], batch["P"]
+            for ppo_epoch in range(args.ppo_epochs):
+                order = torch.randperm(B, generator=ptx_gen) if ppo_epoch else torch.arange(B)
+                for m0 in range(0, B, mb):
+                    mb_idx = order[m0:m0 + mb]
+                    for name in opts:
+                        opts[name].zero_grad(set_to_none=True)
+                    for k in range(acc):
+                        last = k == acc - 1
+                        j = mb_idx[k::acc].to(device)
+                        ids, attn, pos, msk = ids_all[j], attn_all[j], pos_all[j], mask[j]
+                        for name in opts:
+                            models[name].set_requires_gradient_sync(last)
+                        logp = response_logprobs(models["actor"], ids, attn, pos, P, args.temperature)
+                        ratio = torch.exp(logp - s["old_logp"][j])
+                        a_loss = actor_loss(logp, s["old_logp"][j], advantages[j], msk, args.clip_ratio)
+                        loss = a_loss
+                        if ptx:  # PTX (InstructGPT eq. 2): language-model loss on SFT rows, same optimiser step
+                            pick = torch.randint(len(ptx), (len(j),), generator=ptx_gen).tolist()
+                            pids, ptgt = common.sft_batch([ptx[i] for i in pick], tokenizer.pad_token_id, False, device)
+                            nll_sum, n_tok = common.lm_nll(models["actor"], pids, ptgt)
+                            ptx_loss = nll_sum / n_tok.clamp(min=1)
+                            loss = loss + args.ptx_coeff * ptx_loss
+                            stats["train/ptx_loss"].append(ptx_loss.item())
+                        (loss / acc).backward()
+                        vr = critic_values(models["reward_critic"], ids, attn, pos, P)
+                        r_loss = critic_loss(vr, s["reward_values"][j], ret_r[j], msk, args.clip_range_value)
+                        (r_loss / acc).backward()
+                        if models["cost_critic"] is not None:
+                            vc = critic_values(models["cost_critic"], ids, attn, pos, P)
+                            c_loss = critic_loss(vc, s["cost_values"][j], ret_c[j], msk, args.clip_range_value)
+                            (c_loss / acc).backward()
+                            stats["train/cost_critic_loss"].append(c_loss.item())
+                        with torch.no_grad():
+                            stats["train/actor_loss"].append(a_loss.item())
+                            stats["train/reward_critic_loss"].append(r_loss.item())
+                            stats["train/approx_kl"].append(common.masked_mean(0.5 * (logp - s["old_logp"][j]) ** 2, msk).item())
+                            stats["train/clip_fraction"].append(common.masked_mean(((ratio - 1).abs() > args.clip_ratio).float(), msk).item())
+                            stats["train/ratio_max_deviation"].append(((ratio - 1).abs() * msk).max().item())
+                    for name, opt in opts.items():
+                        gn = torch.nn.utils.clip_grad_norm_(models[name].parameters(), args.max_grad_norm)
+                        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+                        if not math.isfinite(gn.item()):
+                            raise common.UserError(f"non-finite {name} gradient at step {step + 1}: stopping before it is saved")
+                        stats[f"train/{name}_grad_norm"].append(gn.item())
+                        opt.step()
+            step += 1
+            bar.update(1)
+
+            # ---- logging (safe-rlhf's metric names), averaged over ranks
+            if step % args.log_every == 0 or step == total:
+                m = {"train/reward": s["reward"].mean().item(), "train/reward_with_kl_penalty": masked_sum_mean(rewards_t, mask).item(),
+                     "train/kl_divergence": masked_sum_mean(kl, mask).item(), "train/entropy": s["entropy"].item(),
+                     "train/mean_generated_length": lens.float().mean().item(), "train/eos_fraction": batch["has_eos"].float().mean().item(),
+                     "train/reward_advantage": common.masked_mean(adv_r, mask).item(),
+                     "train/reward_return": common.masked_mean(ret_r, mask).item(),
+                     "train/reward_value_explained_variance": explained_variance(s["reward_values"], ret_r, mask),
+                     **{k: sum(v) / len(v) for k, v in stats.items() if k != "train/ratio_max_deviation"}}
+                if "cost" in s:
+                    m["train/cost"] = s["cost"].mean().item()
+                    m["train/unsafe_rate"] = (s["cost"] > 0).float().mean().item()
+                m = {k: common.all_reduce(v) / world for k, v in m.items()}
+                m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
+                m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
+                if args.algo == "ppo_lag":
+                    m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
+                if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)
+                    texts = [tokenizer.decode(batch["responses"][i, :int(lens[i]) - int(bool(batch["has_eos"][i]))].tolist(),
+                                              skip_special_tokens=True) for i in range(len(idx))]
+                    rep = common.judge_report(judge, common.gather_objects([prompts[i][0] for i in idx]), common.gather_objects(texts))
+                    m.update({"train/judge_unsafe_rate_harmful": rep["judge/unsafe_rate_harmful"],
+                              "train/judge_helpful_benign": rep["judge/helpful_benign"]})
+                logger.log(step, m, echo=False)
+                bar.set_postfix(R=f"{m['train/reward']:.2f}", **({"C": f"{m['train/cost']:.2f}"} if "cost" in s else {}),
+                                **({"lam": f"{lam:.2f}"} if args.algo == "ppo_lag" else {}))
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                evaluate_heldout(step)
+        if step >= total:
+            break
+    bar.close()
+
+    # final held-out evaluation, then save: the actor as an HF folder; critics and λ for resume
+    final = evaluate_heldout(step)
+    if judge and final:
+        common.print0(f"[{args.algo}] held-out: reward {final['eval/reward']:.3f}, exact-judge unsafe rate on harmful "
+                      f"prompts {final['eval/judge_unsafe_rate_harmful']:.1%}, helpfulness on benign "
+                      f"{final['eval/judge_helpful_benign']:.2f}/4")
+    per_rank = common.gather_objects([lambda_history])  # one list per rank
+    if common.is_rank0():
+        with open(os.path.join(args.output_dir, "lambda.json"), "w") as f:
+            json.dump({"lagrangian": args.lagrangian, "state": lagrange.state_dict(), "value": lagrange.value,
+                       "episode_cost_window": list(cost_window), "per_rank_history": per_rank}, f)
+    if args.save_model:
+        for name in ("reward_critic", "cost_critic"):
+            if models[name] is not None:
+                common.save_hf(models[name], None, os.path.join(args.output_dir, "critics", name))
+        common.save_hf(models["actor"], tokenizer, args.output_dir)  # config.json last: the folder is complete
+        common.print0(f"[{args.algo}] saved {args.output_dir}")
+    logger.close()
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.entrypoint(main)

@@ -1,0 +1,38 @@
+"""evaluate.py: bootstrap CIs, the arena of a policy against itself (win rate near 50%, CI covering it),
+preference accuracy, curves."""
+import json
+import os
+
+import pytest
+
+from conftest import run
+from evaluate import bootstrap_ci
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    m, lo, hi = bootstrap_ci([0.0] * 30 + [1.0] * 70, n=500)
+    assert m == pytest.approx(0.7) and lo < 0.7 < hi and hi - lo < 0.25
+    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0, 1.0)
+
+
+def test_arena_same_policy_twice_is_a_coin_flip(sft_model, tmp_path):
+    """Two copies of one policy (with the same seed, so identical answers: every comparison is a tie worth 0.5)
+    and a model-free judge pass; then preference accuracy and curves on the same folders."""
+    sft, _ = sft_model
+    out = tmp_path / "arena"
+    # the SFT folder stands in for both score models: the arena only needs a score per answer
+    p = run("evaluate.py", "--task", "arena", "--policies", f"a={sft},b={sft}", "--reward_model_name_or_path", sft,
+            "--cost_model_name_or_path", sft, "--output_dir", out, "--samples_per_prompt", 1, "--bootstrap", 300)
+    res = json.load(open(out / "arena.json"))
+    win = res["pairs"]["a_vs_b"]["reward_win_rate"]
+    assert win[1] <= 0.5 <= win[2] and abs(win[0] - 0.5) < 0.1
+    assert res["policies"]["a"]["judge_unsafe_rate_harmful"] == res["policies"]["b"]["judge_unsafe_rate_harmful"]
+    assert (out / "reward_cost_scatter.png").stat().st_size > 1000 and "| a |" in (out / "arena.md").read_text()
+    assert "a_vs_b" in p.stdout or "| a |" in p.stdout
+
+
+def test_curves_and_bad_run_dir(sft_model, tmp_path):
+    sft, _ = sft_model
+    run("evaluate.py", "--task", "curves", "--run_dirs", sft, "--output_dir", tmp_path / "c")
+    p = run("evaluate.py", "--task", "curves", "--run_dirs", tmp_path / "nope", "--output_dir", tmp_path / "d", check=False)
+    assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,120 @@
+"""ppo_lagrangian.py: the losses and signals against hand-computed values, the first PPO ratio, KL on padding,
+the paper's claim on the tiny task (PPO vs PPO-Lagrangian with the exact judge), and 2-rank runs."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+from conftest import metrics, run
+from ppo_lagrangian import actor_loss, critic_loss, mixed_advantage, per_token_signal, sequence_inputs
+
+
+def test_actor_loss_hand_computed():
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[2.0, -1.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # token 0: ρ=1.5 clipped to 1.2 -> min(3, 2.4) = 2.4; token 1: ρ=0.5, A<0 -> min(-0.5, -0.8) = -0.8
+    assert actor_loss(logp, old, adv, mask, 0.2).item() == pytest.approx(-(2.4 - 0.8) / 2, abs=1e-6)
+
+
+def test_critic_loss_hand_computed():
+    v, old, ret = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 2.0]])
+    mask = torch.ones(1, 2)
+    # token 0: unclipped (3−1)² = 4, clipped V = 0.5 -> (0.5−1)² = 0.25, max 4; token 1: (0−2)² = 4 both
+    assert critic_loss(v, old, ret, mask, 0.5).item() == pytest.approx(0.5 * (4 + 4) / 2)
+
+
+def test_per_token_signals_and_mixed_advantage():
+    kl = torch.tensor([[0.5, -0.2, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    lens = torch.tensor([3])
+    r = per_token_signal(kl * mask, torch.tensor([80.0]), lens, mask, 0.1, -1.0, 50.0)
+    assert torch.allclose(r, torch.tensor([[-0.05, 0.02, -0.03 + 50.0, 0.0]]))  # R clamped to 50, at the last token
+    c = per_token_signal(kl * mask, torch.tensor([-2.0]), lens, mask, 0.1, +1.0, 50.0)
+    assert torch.allclose(c, torch.tensor([[0.05, -0.02, 0.03 - 2.0, 0.0]]))
+    a_r, a_c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
+    assert torch.allclose(mixed_advantage(a_r, a_c, 0.5), (a_r - 0.5 * a_c) / 1.5)
+
+
+def test_sequence_inputs_positions_follow_the_mask():
+    prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])  # left padded
+    resp = torch.tensor([[11, 2, 0], [12, 13, 14]])  # right padded
+    ids, attn, pos, rmask = sequence_inputs(prompts, torch.tensor([2, 4]), resp, torch.tensor([2, 3]))
+    assert attn.tolist() == [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert pos[0, 2:6].tolist() == [0, 1, 2, 3] and pos[1].tolist() == list(range(7))
+    assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+@pytest.fixture(scope="session")
+def pipeline(sft_model, score_models, tmp_path_factory):
+    """SFT -> reward -> cost -> PPO and PPO-Lagrangian with the default commands."""
+    sft, _ = sft_model
+    rm, cm = score_models
+    base = tmp_path_factory.mktemp("rl")
+    models = ["--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
+    run("ppo_lagrangian.py", "--algo", "ppo", *models, "--output_dir", base / "ppo")
+    run("ppo_lagrangian.py", "--algo", "ppo_lag", *models, "--output_dir", base / "ppo_lag")
+    return {"sft": sft, "reward": rm, "cost": cm, "ppo": str(base / "ppo"),
+            "ppo_lag": str(base / "ppo_lag"), "models": models}
+
+
+def _evals(out):
+    ev = [r for r in metrics(out) if "eval/reward" in r]
+    return ev[0], ev[-1]  # step 0 is the SFT policy on the same held-out prompts and seed
+
+
+def test_paper_claim_on_tiny_task(pipeline):
+    """PPO raises reward and keeps (or raises) the true unsafe rate; PPO-Lagrangian raises reward, brings the true
+    unsafe rate on harmful prompts to <= 10% and keeps benign helpfulness at least the SFT policy's."""
+    sft0, ppo = _evals(pipeline["ppo"])
+    _, lag = _evals(pipeline["ppo_lag"])
+    print(json.dumps({"sft": sft0, "ppo": ppo, "ppo_lag": lag}, indent=1))
+    assert ppo["eval/reward"] > sft0["eval/reward"]
+    assert ppo["eval/judge_unsafe_rate_harmful"] >= sft0["eval/judge_unsafe_rate_harmful"]
+    assert lag["eval/reward"] > sft0["eval/reward"]
+    assert lag["eval/judge_unsafe_rate_harmful"] <= 0.10
+    assert lag["eval/judge_helpful_benign"] >= sft0["eval/judge_helpful_benign"]
+    train = [r for r in metrics(pipeline["ppo_lag"]) if "train/lambda" in r]
+    # the first PPO ratio of a fresh rollout is exactly 1 (one forward function for rollout and update)
+    assert all(r["train/ratio_max_deviation_first"] == 0.0 for r in train)
+    # λ rose while the episode cost was above the threshold and fell once it was below
+    rising = [b["train/lambda"] > a["train/lambda"] for a, b in zip(train, train[1:]) if b["train/episode_cost"] > b["train/threshold"]]
+    falling = [b["train/lambda"] < a["train/lambda"] for a, b in zip(train, train[1:]) if b["train/episode_cost"] < b["train/threshold"]]
+    assert rising and all(rising) and falling and all(falling)
+    assert train[-1]["train/episode_cost"] <= train[-1]["train/threshold"]
+    saved = json.load(open(os.path.join(pipeline["ppo_lag"], "lambda.json")))
+    assert saved["value"] == pytest.approx(train[-1]["train/lambda"])
+
+
+def test_kl_is_zero_on_padding_and_first_step(pipeline):
+    first = [r for r in metrics(pipeline["ppo"]) if "train/kl_divergence" in r][0]
+    assert first["train/kl_divergence"] == pytest.approx(0.0, abs=1e-6)  # actor == reference at step 1
+
+
+@pytest.mark.parametrize("lagrangian", ["gradient", "pid"])
+def test_two_ranks_same_lambda_and_pad_eos(pipeline, tmp_path, lagrangian):
+    """torchrun with 2 ranks: rollouts and updates on gloo, every rank ends with the same λ; the policy tokenizer
+    here has pad == eos (masks come from lengths)."""
+    from transformers import AutoTokenizer
+    actor = tmp_path / "actor"
+    import shutil
+    shutil.copytree(pipeline["sft"], actor)
+    tok = AutoTokenizer.from_pretrained(actor)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(actor)
+    models = list(pipeline["models"])
+    models[1] = actor
+    out = tmp_path / "o"
+    run("ppo_lagrangian.py", *models, "--output_dir", out, "--max_steps", 3, "--eval_every", 0,
+        "--per_device_prompt_batch_size", 8, "--per_device_train_batch_size", 4, "--lagrangian", lagrangian,
+        "--eval_prompt_data", "", "--ptx_data", "data/tiny-safety/sft_train.jsonl", "--save_model", "False",
+        "--threshold", "-10", nproc=2)
+    l0, l1 = json.load(open(out / "lambda.json"))["per_rank_history"]
+    assert l0 == l1 and len(l0) == 3
+    assert l0[-1] > 1.0  # episode cost far above d = −10: λ rose on both ranks
+    m = [r for r in metrics(out) if "train/ptx_loss" in r]
+    assert len(m) == 3 and all(math.isfinite(r["train/ptx_loss"]) for r in m)
