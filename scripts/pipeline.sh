@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-output}
 NPROC=${NPROC:-1}
 EXTRA=${EXTRA:-}          # extra flags for the PPO stages, e.g. EXTRA="--max_steps 10" for a smoke run
+STAGE_EXTRA=${STAGE_EXTRA:-}  # extra flags for SFT and both score models, e.g. "--max_steps 20"
+ARENA_EXTRA=${ARENA_EXTRA:-}  # extra flags for the arena, e.g. "--samples_per_prompt 1"
 if [ "$NPROC" -gt 1 ]; then
   export OMP_NUM_THREADS=1
   RUN="python -m torch.distributed.run --nproc_per_node=$NPROC --rdzv_backend=c10d --rdzv_endpoint=localhost:0"
@@ -15,14 +17,14 @@ else
   RUN=python
 fi
 set -x
-$RUN sft.py --output_dir $OUT/sft --overwrite
-$RUN train_preference.py --objective reward --model_name_or_path $OUT/sft --output_dir $OUT/reward --overwrite
-$RUN train_preference.py --objective cost --model_name_or_path $OUT/sft --output_dir $OUT/cost --overwrite
+$RUN sft.py --output_dir $OUT/sft --overwrite $STAGE_EXTRA
+$RUN train_preference.py --objective reward --model_name_or_path $OUT/sft --output_dir $OUT/reward --overwrite $STAGE_EXTRA
+$RUN train_preference.py --objective cost --model_name_or_path $OUT/sft --output_dir $OUT/cost --overwrite $STAGE_EXTRA
 MODELS="--actor_model_name_or_path $OUT/sft --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost"
 $RUN ppo_lagrangian.py --algo ppo $MODELS --output_dir $OUT/ppo --overwrite $EXTRA
 $RUN ppo_lagrangian.py --algo ppo_lag $MODELS --output_dir $OUT/ppo_lag --overwrite $EXTRA
 $RUN evaluate.py --task arena --policies sft=$OUT/sft,ppo=$OUT/ppo,ppo_lag=$OUT/ppo_lag \
-  --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --output_dir $OUT/eval
+  --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --output_dir $OUT/eval $ARENA_EXTRA
 python evaluate.py --task curves --run_dirs $OUT/ppo,$OUT/ppo_lag --output_dir $OUT/eval/curves
 set +x
 echo

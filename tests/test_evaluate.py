@@ -36,3 +36,28 @@ def test_curves_and_bad_run_dir(sft_model, tmp_path):
     run("evaluate.py", "--task", "curves", "--run_dirs", sft, "--output_dir", tmp_path / "c")
     p = run("evaluate.py", "--task", "curves", "--run_dirs", tmp_path / "nope", "--output_dir", tmp_path / "d", check=False)
     assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_preference_task_matches_training_eval(score_models, tmp_path):
+    _, cm = score_models
+    run("evaluate.py", "--task", "preference", "--model_name_or_path", cm, "--output_dir", tmp_path)
+    res = json.load(open(tmp_path / "preference.json"))
+    trained = json.load(open(os.path.join(cm, "eval.json")))
+    assert res["objective"] == "cost"
+    assert res["sign_accuracy"][0] == pytest.approx(trained["eval/sign_accuracy"], abs=1e-6)
+    assert res["accuracy"][0] == pytest.approx(trained["eval/accuracy"], abs=1e-6)
+    assert (tmp_path / "score_histogram.png").exists() and (tmp_path / "scores.jsonl").exists()
+
+
+def test_pipeline_script_end_to_end_shortened(tmp_path):
+    """scripts/pipeline.sh, shortened, with NPROC=2 (every stage under torchrun), ends with the arena table."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "NPROC": "2", "STAGE_EXTRA": "--max_steps 10",
+           "EXTRA": "--max_steps 2 --eval_every 0 --eval_samples_per_prompt 1", "ARENA_EXTRA": "--samples_per_prompt 1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    p = subprocess.run(["bash", "scripts/pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| ppo_lag |" in p.stdout and "reward_cost_scatter.png" in p.stdout
+    assert json.load(open(tmp_path / "out" / "eval" / "arena.json"))["samples"] == 56

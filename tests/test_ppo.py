@@ -118,3 +118,15 @@ def test_two_ranks_same_lambda_and_pad_eos(pipeline, tmp_path, lagrangian):
     assert l0[-1] > 1.0  # episode cost far above d = −10: λ rose on both ranks
     m = [r for r in metrics(out) if "train/ptx_loss" in r]
     assert len(m) == 3 and all(math.isfinite(r["train/ptx_loss"]) for r in m)
+
+
+def test_reward_shaping_runs_and_shapes(pipeline, tmp_path):
+    """--algo reward_shaping: one stream with R − ν·C; no cost critic, no λ."""
+    out = tmp_path / "rs"
+    run("ppo_lagrangian.py", "--algo", "reward_shaping", *pipeline["models"], "--output_dir", out, "--max_steps", 2,
+        "--eval_every", 0, "--eval_prompt_data", "", "--shaping_coeff", 2.0, "--save_model", "False")
+    rows = [r for r in metrics(out) if "train/reward" in r]
+    assert len(rows) == 2 and "train/cost" in rows[0] and "train/lambda" not in rows[0]
+    assert "train/cost_critic_loss" not in rows[0]
+    # the reward stream carried R − 2C: its return (γ=1, mean over tokens) moves opposite to the cost
+    assert all(math.isfinite(r["train/reward_return"]) for r in rows)

@@ -86,7 +86,7 @@ def test_saved_score_model_reloads_and_scores_the_same(score_models):
                 c = model(input_ids=torch.tensor([ids])).logits[0, -1, 0].item()
                 right += (c > 0) == (not r[f"is_response_{i}_safe"])
                 n += 1
-    assert right / n == pytest.approx(json.load(open(os.path.join(cm, "eval.json")))["eval/sign_accuracy"], abs=1e-9)
+    assert right / n == pytest.approx(json.load(open(os.path.join(cm, "eval.json")))["eval/sign_accuracy"], abs=1e-6)
 
 
 def test_cost_model_trains_on_real_pku_rows(tmp_path):
