@@ -436,6 +436,8 @@ def main(argv=None):
                      "train/reward_return": common.masked_mean(ret_r, mask).item(),
                      "train/reward_value_explained_variance": explained_variance(s["reward_values"], ret_r, mask),
                      **{k: sum(v) / len(v) for k, v in stats.items() if k != "train/ratio_max_deviation"}}
+                if args.algo == "reward_shaping":
+                    m["train/shaped_reward"] = reward.mean().item()  # R − ν·C, the score the reward stream used
                 if "cost" in s:
                     m["train/cost"] = s["cost"].mean().item()
                     m["train/unsafe_rate"] = (s["cost"] > 0).float().mean().item()
