@@ -16,7 +16,6 @@ import math
 import os
 import socket
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -464,6 +463,16 @@ def length_mask(lengths, T, start=None):
     return ((t >= s[:, None]) & (t < (s + lengths)[:, None])).float()
 
 
+def plan_steps(n_rows, per_device, world, accum, epochs, max_steps, source):
+    """-> (global_batch, steps_per_epoch, total_steps): the batch arithmetic of a supervised stage, checked once."""
+    global_batch = per_device * world * accum
+    if n_rows < global_batch:
+        raise UserError(f"{source}: {n_rows} rows < one global batch of {global_batch}")
+    steps_per_epoch = n_rows // global_batch
+    total = steps_per_epoch * epochs if max_steps < 0 else min(max_steps, steps_per_epoch * epochs)
+    return global_batch, steps_per_epoch, total
+
+
 def batches(n, global_batch, rank, world, seed, epoch, drop_last=True):
     """Index lists of this rank's share of each global batch, in a seeded order shared by all ranks
     (STYLE practice 5: one data-order seed for every rank)."""
@@ -717,6 +726,12 @@ def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tok
     return tokens, lengths, has_eos
 
 
+def decode_responses(tokenizer, responses, lengths, has_eos, n=None):
+    """Response token rows -> text, without the EOS (lengths include it when present)."""
+    return [tokenizer.decode(responses[i, :int(lengths[i]) - int(bool(has_eos[i]))].tolist(),
+                             skip_special_tokens=True).strip() for i in range(len(responses) if n is None else n)]
+
+
 def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_size=32, greedy=True,
                    temperature=1.0, top_p=1.0, seed=0, chat_template=False):
     """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call."""
@@ -730,12 +745,10 @@ def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_s
             chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[:1]  # keep lock-step on short ranks
             real = len(prompts[b * batch_size:(b + 1) * batch_size])
             ids, lens = pad([tokenize_prompt(tokenizer, p, chat_template) for p in chunk], tokenizer.pad_token_id, "left")
-            resp, rlen, _ = sample_responses(model, ids.to(device), lens.to(device), tokenizer.eos_token_id,
-                                             tokenizer.pad_token_id, max_new_tokens, temperature, top_p,
-                                             greedy=greedy, generator=gen)
-            for i in range(real):
-                L = int(rlen[i]) - (1 if int(rlen[i]) and resp[i, int(rlen[i]) - 1] == tokenizer.eos_token_id else 0)
-                out.append(tokenizer.decode(resp[i, :L].tolist(), skip_special_tokens=True).strip())
+            resp, rlen, has_eos = sample_responses(model, ids.to(device), lens.to(device), tokenizer.eos_token_id,
+                                                   tokenizer.pad_token_id, max_new_tokens, temperature, top_p,
+                                                   greedy=greedy, generator=gen)
+            out += decode_responses(tokenizer, resp, rlen, has_eos, real)
     model.train()
     return out
 
@@ -766,7 +779,3 @@ def judge_report(judge, prompts, responses):
         "judge/helpful": sum(helpful) / len(prompts),
         "judge/n_harmful": nh, "judge/n_benign": nb,
     }
-
-
-def now():
-    return time.perf_counter()

@@ -324,9 +324,7 @@ def main(argv=None):
             s = score_rollout(b, models, args, with_values=False)
             rewards += s["reward"][:real].tolist()
             costs += s["cost"][:real].tolist() if "cost" in s else []
-            for j in range(real):
-                L = int(b["lens"][j]) - int(bool(b["has_eos"][j]))
-                texts.append(tokenizer.decode(b["responses"][j, :L].tolist(), skip_special_tokens=True).strip())
+            texts += common.decode_responses(tokenizer, b["responses"], b["lens"], b["has_eos"], real)
         allp, allt = common.gather_objects(mine), common.gather_objects(texts)
         rewards, costs = common.gather_objects(rewards), common.gather_objects(costs)
         out = {"eval/reward": sum(rewards) / len(rewards)}
@@ -441,14 +439,14 @@ def main(argv=None):
                 if "cost" in s:
                     m["train/cost"] = s["cost"].mean().item()
                     m["train/unsafe_rate"] = (s["cost"] > 0).float().mean().item()
-                m = {k: common.all_reduce(v) / world for k, v in m.items()}
+                keys = list(m)  # one all-reduce for every metric, not one per metric
+                m = dict(zip(keys, (common.all_reduce(torch.tensor([m[k] for k in keys])) / world).tolist()))
                 m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
                 m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
                 if args.algo == "ppo_lag":
                     m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
                 if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)
-                    texts = [tokenizer.decode(batch["responses"][i, :int(lens[i]) - int(bool(batch["has_eos"][i]))].tolist(),
-                                              skip_special_tokens=True) for i in range(len(idx))]
+                    texts = common.decode_responses(tokenizer, batch["responses"], lens, batch["has_eos"])
                     rep = common.judge_report(judge, common.gather_objects([prompts[i][0] for i in idx]), common.gather_objects(texts))
                     m.update({"train/judge_unsafe_rate_harmful": rep["judge/unsafe_rate_harmful"],
                               "train/judge_helpful_benign": rep["judge/helpful_benign"]})

@@ -13,7 +13,6 @@ accumulation give the same step.
     #   --gradient_accumulation_steps 8 --warmup_ratio 0.03 --activation_checkpointing --judge ''
 """
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -97,11 +96,9 @@ def main(argv=None):
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train = common.tokenize_sft_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data)
     evald = common.tokenize_sft_rows(eval_rows, tokenizer, args.max_length, args.chat_template, args.eval_data) if eval_rows else []
-    global_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
-    if len(train) < global_batch:
-        raise common.UserError(f"{args.train_data}: {len(train)} rows < one global batch of {global_batch}")
-    steps_per_epoch = len(train) // global_batch
-    total_steps = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
+    global_batch, steps_per_epoch, total_steps = common.plan_steps(
+        len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
+        args.max_steps, args.train_data)
     common.print0(f"[sft] world {world}, global batch {global_batch} = {args.per_device_train_batch_size} x {world} "
                   f"ranks x {args.gradient_accumulation_steps} accum, {steps_per_epoch} steps/epoch, {total_steps} steps")
 

@@ -238,11 +238,9 @@ def main(argv=None):
     train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data)
     evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data) \
         if eval_rows else []
-    global_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
-    if len(train) < global_batch:
-        raise common.UserError(f"{args.train_data}: {len(train)} pairs < one global batch of {global_batch}")
-    steps_per_epoch = len(train) // global_batch
-    total = steps_per_epoch * args.epochs if args.max_steps < 0 else min(args.max_steps, steps_per_epoch * args.epochs)
+    global_batch, steps_per_epoch, total = common.plan_steps(
+        len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
+        args.max_steps, args.train_data)
     common.print0(f"[{args.objective}] world {world}, global batch {global_batch} pairs, {steps_per_epoch} steps/epoch, "
                   f"{total} steps, loss {args.loss_type}")
 
