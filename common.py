@@ -3,17 +3,21 @@
     distributed + FSDP2   setup_distributed, shard_model, gathered_for_generation, cleanup_distributed
     models                load_tokenizer, load_causal_lm, load_score_model, save_hf, disable_dropout
     data                  load_rows (validated up front), format_prompt, tokenize_prompt_response, pad
-    training              cosine_schedule, batches, MetricsLogger, print0, UserError, entrypoint
+    training              parse_args, plan_steps, batch_indices, cosine_schedule, MetricsLogger, check_finite
+    resume                save_checkpoint, load_checkpoint, resolve_resume, StopOnSignal (SIGTERM)
     math                  masked_mean, gae, LagrangeMultiplier, PIDLagrangian, sample_responses
 
 Conventions: every mask is built from explicit lengths (never by comparing ids with the pad id, since
 pad == eos in Llama-3/Qwen tokenizers); cost > 0 means unsafe.
 """
+import base64
 import datetime
+import functools
 import glob
 import json
 import math
 import os
+import pickle
 import socket
 import sys
 
@@ -35,6 +39,9 @@ def entrypoint(main):
     try:
         main()
     except UserError as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):  # close open bars first: the error is the last line
+            bar.close()
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         if dist.is_initialized():
@@ -51,10 +58,25 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def check_output_dir(path, overwrite=False):
-    """Refuse to write into a folder that already holds a finished model, unless --overwrite."""
+def parse_args(dataclass_type, argv=None):
+    """The stage's Args dataclass from the command line; an unknown flag is a one-line error, not a traceback."""
+    from transformers import HfArgumentParser
+    parser = HfArgumentParser(dataclass_type)
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise UserError(f"unknown flag(s) {' '.join(rest)} (see --help)")
+    return args
+
+
+def check_output_dir(path, overwrite=False, resume=""):
+    """Refuse to write into a folder that already holds a finished model, or the resume checkpoints of an
+    unfinished run, unless --overwrite (start over) or --resume (continue)."""
     if os.path.exists(os.path.join(path, "config.json")) and not overwrite:
         raise UserError(f"{path} already holds a finished run (config.json); pass --overwrite to replace it")
+    ckpts = checkpoint_dirs(path)
+    if ckpts and not (overwrite or resume):
+        raise UserError(f"{path} holds resume checkpoints of an unfinished run (newest {os.path.basename(ckpts[-1])}): "
+                        f"pass --resume to continue it or --overwrite to start over")
 
 
 # ----------------------------------------------------------------------------- distributed + FSDP2
@@ -145,6 +167,8 @@ class gathered_for_generation:
 def all_reduce(x, op="sum"):
     """all-reduce a python number or tensor across ranks (float64 on CPU: exact sums)."""
     t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if not dist.is_initialized():  # a single process (unit tests, notebooks)
+        return t if t.dim() else t.item()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     t = t.to(dev)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
@@ -167,14 +191,27 @@ def _check_model_path(path):
         raise UserError(f"model path {path} does not exist")
 
 
+def _first_line(e):
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    msg = lines[0][:300] if lines else type(e).__name__
+    if "custom code" in str(e) or "trust_remote_code" in str(e):
+        msg += " (it ships its own Python code: pass --trust_remote_code only if you trust it)"
+    return msg
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
 def load_tokenizer(path, trust_remote_code=False, padding_side="right"):
     """AutoTokenizer; a pad token distinct from EOS is added when the tokenizer has none."""
     from transformers import AutoTokenizer
     _check_model_path(path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from None
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": "<pad>"})
     if tok.eos_token_id is None:
@@ -183,12 +220,12 @@ def load_tokenizer(path, trust_remote_code=False, padding_side="right"):
     return tok
 
 
-def _has_weights(path):
+def has_weights(path):
     return os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.safetensors")))
 
 
 def _no_pickles(path):
-    if os.path.isdir(path) and not _has_weights(path) and glob.glob(os.path.join(path, "*.bin")):
+    if os.path.isdir(path) and not has_weights(path) and glob.glob(os.path.join(path, "*.bin")):
         raise UserError(f"{path} holds weights only as pickle (*.bin); convert them to safetensors")
 
 
@@ -213,14 +250,17 @@ def load_causal_lm(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch
     from transformers import AutoConfig, AutoModelForCausalLM
     _check_model_path(path)
     _no_pickles(path)
-    if os.path.isdir(path) and not _has_weights(path):
-        print0(f"[model] {path} has no weights: initialising {path}/config.json from seed {seed}")
-        torch.manual_seed(seed)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+    try:
+        if os.path.isdir(path) and not has_weights(path):
+            print0(f"[model] {path} has no weights: initialising {path}/config.json from seed {seed}")
+            torch.manual_seed(seed)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:  # custom code without --trust_remote_code, unknown model type, ...
+        raise UserError(f"cannot load a causal LM from {path}: {_first_line(e)}") from None
     _resize(model, tokenizer)
     return model
 
@@ -252,7 +292,10 @@ def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=tor
     from transformers import AutoConfig, AutoModelForTokenClassification
     _check_model_path(path)
     _no_pickles(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load a score model from {path}: {_first_line(e)}") from None
     config.num_labels = 1
     config.classifier_dropout = 0.0  # HF's head dropout is 0.1 by default: off for score models
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -270,7 +313,7 @@ def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=tor
                             f"{unexpected[:3]})")
         for k, v in stats.items():
             setattr(model.config, k, v)
-    elif os.path.isdir(path) and not _has_weights(path):
+    elif os.path.isdir(path) and not has_weights(path):
         print0(f"[model] {path} has no weights: initialising a score model from its config, seed {seed}")
         model = AutoModelForTokenClassification.from_config(config, dtype=dtype)
     else:
@@ -431,15 +474,18 @@ def tokenize_prompt(tokenizer, prompt, chat_template=False):
     return tokenizer(format_prompt(prompt, tokenizer, chat_template), add_special_tokens=not chat_template)["input_ids"]
 
 
-def tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_template=False):
-    """-> (ids, prompt_len, truncated) or None when the prompt alone leaves no room for a response.
+def tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_template=False, truncate_prompt=False):
+    """-> (ids, prompt_len, truncated) or None when the prompt alone leaves no room for a response (or, with
+    truncate_prompt, the prompt keeps its last max_length // 2 tokens, which hold the template's end).
     The response follows the template directly (leading space) and ends with EOS; the two parts are
     tokenised separately so the prompt length is exact."""
     p = tokenize_prompt(tokenizer, prompt, chat_template)
     r = tokenizer(" " + response.strip() if not chat_template else response.strip(),
                   add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(p) >= max_length:
-        return None
+        if not truncate_prompt:
+            return None
+        p = p[len(p) - max_length // 2:]
     truncated = len(p) + len(r) > max_length
     return (p + r)[:max_length], len(p), truncated
 
@@ -463,38 +509,49 @@ def length_mask(lengths, T, start=None):
     return ((t >= s[:, None]) & (t < (s + lengths)[:, None])).float()
 
 
-def plan_steps(n_rows, per_device, world, accum, epochs, max_steps, source):
-    """-> (global_batch, steps_per_epoch, total_steps): the batch arithmetic of a supervised stage, checked once."""
+def plan_steps(n_rows, per_device, world, accum, epochs, max_steps, source, global_batch_size=0):
+    """-> (global_batch, accum, steps_per_epoch, total_steps): the batch arithmetic of a supervised stage, checked
+    once. With global_batch_size set, the accumulation steps are derived from it, so the same global batch (and the
+    same run) can be resumed on another number of ranks."""
+    if global_batch_size:
+        if global_batch_size % (per_device * world):
+            raise UserError(f"--global_batch_size {global_batch_size} is not divisible by world size {world} x "
+                            f"per-device batch {per_device}")
+        accum = global_batch_size // (per_device * world)
     global_batch = per_device * world * accum
     if n_rows < global_batch:
         raise UserError(f"{source}: {n_rows} rows < one global batch of {global_batch}")
     steps_per_epoch = n_rows // global_batch
     total = steps_per_epoch * epochs if max_steps < 0 else min(max_steps, steps_per_epoch * epochs)
-    return global_batch, steps_per_epoch, total
+    return global_batch, accum, steps_per_epoch, total
 
 
-def batches(n, global_batch, rank, world, seed, epoch, drop_last=True):
-    """Index lists of this rank's share of each global batch, in a seeded order shared by all ranks
-    (STYLE practice 5: one data-order seed for every rank)."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    stop = n - n % global_batch if drop_last else n
-    for i in range(0, stop, global_batch):
-        yield order[i:i + global_batch][rank::world]
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
-def tokenize_sft_rows(rows, tokenizer, max_length, chat_template, source):
-    """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped."""
-    out, truncated, dropped = [], 0, 0
+def batch_indices(n, global_batch, rank, world, seed, step, steps_per_epoch):
+    """This rank's share of the global batch of optimiser step `step` (0-based). The order is a seeded shuffle per
+    epoch shared by all ranks (STYLE practice 5), and a pure function of the step: a resumed run needs no data
+    state beyond the step count."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = _epoch_order(n, seed, epoch)
+    return order[i * global_batch:(i + 1) * global_batch][rank::world]
+
+
+def tokenize_sft_rows(rows, tokenizer, max_length, chat_template, source, truncate_prompts=False):
+    """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped (or cut)."""
+    out, truncated, long_prompts = [], 0, 0
     for r in rows:
-        t = tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template)
-        if t is None:
-            dropped += 1
-            continue
-        out.append(t[:2])
-        truncated += t[2]
+        long_prompts += len(tokenize_prompt(tokenizer, r["prompt"], chat_template)) >= max_length
+        t = tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template, truncate_prompts)
+        if t is not None:
+            out.append(t[:2])
+            truncated += t[2]
     print0(f"[data] {source}: {len(out)} rows, {truncated} responses truncated at max_length={max_length}, "
-           f"{dropped} prompts longer than max_length dropped")
+           f"{long_prompts} prompts longer than max_length " + ("cut to their last tokens" if truncate_prompts else
+                                                               "dropped (--truncate_long_prompts keeps them)"))
     if not out:
         raise UserError(f"{source}: every prompt is longer than max_length={max_length}")
     return out
@@ -531,21 +588,42 @@ def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
 
 class MetricsLogger:
     """One JSON object per logged step in output_dir/metrics.jsonl (always), stdout, and wandb when a
-    project is given (works with WANDB_MODE=offline). Only rank 0 writes."""
+    project is given (works with WANDB_MODE=offline). Only rank 0 writes.
+    A fresh run (resume_step None) starts a new log and clears what a previous run left in the folder (stale
+    resume checkpoints, an old config.json; check_output_dir has refused unless --overwrite). A resumed run keeps
+    the rows up to its checkpoint's step and appends, so the log reads as if the run was never interrupted."""
 
-    def __init__(self, output_dir, args=None, wandb_project=None, run_name=None, quiet=False):
+    def __init__(self, output_dir, args=None, wandb_project=None, run_name=None, quiet=False, resume_step=None):
         self.rank0, self.quiet, self.wandb = is_rank0(), quiet, None
-        if not self.rank0:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        self.f = open(os.path.join(output_dir, "metrics.jsonl"), "w")  # a new run starts a new log
-        if args is not None:
-            with open(os.path.join(output_dir, "args.json"), "w") as f:
-                json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=2, default=str)
-        if wandb_project:
-            import wandb
-            self.wandb = wandb.init(project=wandb_project, name=run_name, dir=output_dir,
-                                    config=vars(args) if args is not None else None)
+        if self.rank0:
+            os.makedirs(output_dir, exist_ok=True)
+            path = os.path.join(output_dir, "metrics.jsonl")
+            if resume_step is None:
+                import shutil
+                shutil.rmtree(os.path.join(output_dir, CHECKPOINTS), ignore_errors=True)
+                if os.path.exists(os.path.join(output_dir, "config.json")):
+                    os.remove(os.path.join(output_dir, "config.json"))  # never "finished" with stale weights
+                self.f = open(path, "w")
+            else:  # drop rows logged after the checkpoint (the steps that will be redone), then append
+                kept = [l for l in open(path) if json.loads(l)["step"] <= resume_step] if os.path.exists(path) else []
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(path + ".tmp", path)
+                self.f = open(path, "a")
+            if args is not None:
+                with open(os.path.join(output_dir, "args.json"), "w") as f:
+                    json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=2, default=str)
+            if wandb_project:
+                import wandb
+                id_file = os.path.join(output_dir, "wandb_run_id")
+                run_id = open(id_file).read().strip() if resume_step is not None and os.path.exists(id_file) else None
+                self.wandb = wandb.init(project=wandb_project, name=run_name, dir=output_dir, id=run_id,
+                                        resume="allow" if run_id else None,
+                                        config=vars(args) if not isinstance(args, dict) else args)
+                with open(id_file, "w") as f:
+                    f.write(self.wandb.id)
+        if dist.is_initialized():
+            dist.barrier()  # no rank starts before the folder is ready
 
     def log(self, step, metrics, echo=True):
         if not self.rank0:
@@ -581,6 +659,220 @@ def load_judge(name):
         return __import__(name)
     except ImportError:
         raise UserError(f"unknown judge {name!r} (expected a module in data/, e.g. tiny_safety)") from None
+
+
+def check_finite(values, where):
+    """Stop the run (on every rank alike) when any of `values` (name -> number or tensor) is NaN or inf on any rank,
+    before the step is applied: nothing non-finite reaches a checkpoint, and the last good one stays intact."""
+    bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all())]
+    if all_reduce(float(bool(bad)), "max") > 0:
+        raise UserError(f"non-finite {', '.join(bad) or 'value on another rank'} at {where}: stopping before the "
+                        f"update; the newest checkpoint in {CHECKPOINTS}/ (if any) is the last good state")
+
+
+# ----------------------------------------------------------------------------- resume checkpoints (DCP)
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step-00000012/ = one complete resume checkpoint
+
+
+def checkpoint_dirs(output_dir):
+    """Complete resume checkpoints of a run, oldest first. A checkpoint is written to a temp folder and renamed
+    when every file is in it, so a step-XXXXXXXX folder is complete by construction."""
+    pattern = os.path.join(output_dir, CHECKPOINTS, "step-[0-9]*")
+    return sorted((d for d in glob.glob(pattern) if not d.endswith(".tmp")
+                   and os.path.exists(os.path.join(d, "trainer_state.json"))), key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def resolve_resume(resume, output_dir):
+    """--resume '' (off) | auto (newest checkpoint in output_dir, else a fresh start) | a checkpoint folder | a run
+    folder (its newest checkpoint). -> checkpoint path or None."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            print0(f"[resume] no checkpoint in {output_dir}/{CHECKPOINTS}: starting fresh")
+        return found[-1] if found else None
+    if os.path.exists(os.path.join(resume, "trainer_state.json")):
+        return resume
+    found = checkpoint_dirs(resume)
+    if not found:
+        raise UserError(f"--resume {resume}: not a checkpoint folder and holds no {CHECKPOINTS}/step-* checkpoint")
+    return found[-1]
+
+
+def _model_states(models):
+    """{name: (model, optimizer or None)} -> DCP state dict: sharded (DTensor) model and optimiser states, so each
+    rank writes its own shard and any number of ranks can read them back (DCP reshards on load)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    out = {}
+    for name, (model, opt) in models.items():
+        if opt is None:
+            out[name] = {"model": get_model_state_dict(model)}
+        else:
+            msd, osd = get_state_dict(model, opt)
+            out[name] = {"model": msd, "optim": osd}
+    return out
+
+
+def _rng_state(generators):
+    """This rank's RNG streams as base64 text: the global torch (and CUDA) generators and the stage's own."""
+    enc = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode()  # noqa: E731
+    out = {"torch": enc(torch.get_rng_state()), **{k: enc(g.get_state()) for k, g in generators.items()}}
+    if torch.cuda.is_available():
+        out["cuda"] = enc(torch.cuda.get_rng_state())
+    return out
+
+
+def _set_rng_state(state, generators):
+    import numpy as np
+    dec = lambda s: torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())  # noqa: E731
+    torch.set_rng_state(dec(state["torch"]))
+    for k, g in generators.items():
+        g.set_state(dec(state[k]))
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(dec(state["cuda"]))
+
+
+def save_checkpoint(output_dir, step, models, state, generators=None, keep_last=2):
+    """A resume checkpoint of optimiser step `step`, written by all ranks with torch.distributed.checkpoint:
+    models and optimisers sharded (`models`: {name: (model, optimizer or None)}), plus trainer_state.json from
+    rank 0: the stage's JSON `state` (step, scheduler, λ, ...) and the RNG states of every rank. Written to
+    step-N.tmp and renamed, so a kill at any moment leaves only complete checkpoints; then all but the newest
+    keep_last are deleted."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    root = os.path.join(output_dir, CHECKPOINTS)
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    if os.path.exists(final):
+        return final
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        os.makedirs(tmp)
+    dist.barrier()
+    dcp.save(_model_states(models), storage_writer=dcp.FileSystemWriter(tmp))
+    rng = gather_objects([_rng_state(generators or {})])
+    if is_rank0():
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({**state, "step": step, "world_size": dist.get_world_size(), "rng": rng}, f)
+        os.replace(tmp, final)
+        stale = glob.glob(os.path.join(root, "step-*.tmp"))  # half-written by a killed run
+        for old in stale + (checkpoint_dirs(output_dir)[:-keep_last] if keep_last > 0 else []):
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata file is a pickle, and pickle.load runs whatever a crafted file asks for. This unpickler
+    resolves only the classes a DCP metadata file is made of (DCP's own metadata records, torch.Size, dtypes,
+    paths); any other global, e.g. os.system in a planted payload, is an error before anything runs."""
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+               ("collections", "OrderedDict")}
+
+    def __init__(self, f, source):
+        super().__init__(f)
+        self.source = source
+
+    def find_class(self, module, name):
+        if not (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            raise UserError(f"{self.source}: refusing to load {module}.{name} from a checkpoint's metadata (not a "
+                            f"DCP metadata class: the file may have been tampered with)")
+        return super().find_class(module, name)
+
+
+def _safe_reader(path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *a, **k):  # tensors themselves are read with torch.load(weights_only=True) by DCP
+            source = os.path.join(path, ".metadata")
+            with open(source, "rb") as f:
+                md = _MetadataUnpickler(f, source).load()
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+    return SafeReader(path)
+
+
+def checkpoint_state(path, expect=None):
+    """trainer_state.json of a checkpoint (JSON: nothing in it can execute). `expect`: {key: value} this run needs
+    to match (stage, global batch, ...), checked before any weights are read."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable trainer_state.json ({e})") from None
+    for k, v in (expect or {}).items():
+        if state.get(k) != v:
+            raise UserError(f"{path}: checkpoint has {k}={state.get(k)!r} but this run has {v!r}" +
+                            ("; set --global_batch_size (or --rollout_batch_size) to the checkpoint's to resume on "
+                             "another number of ranks" if "batch" in k else ""))
+    return state
+
+
+def load_checkpoint(path, models, generators=None):
+    """Restore `models` ({name: (model, optimizer or None)}, built as for a fresh run) in place from a checkpoint
+    written with any number of ranks; restore this rank's RNG streams when the world size is the same.
+    -> the stage's JSON state (step, scheduler, ...)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    state = checkpoint_state(path)
+    source = os.path.join(path, ".metadata")
+    try:  # check the metadata here, where a refusal is one clear line (inside dcp.load it would be wrapped)
+        with open(source, "rb") as f:
+            _MetadataUnpickler(f, source).load()
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"{source}: unreadable checkpoint metadata ({e})") from None
+    sd = _model_states(models)
+    try:
+        dcp.load(sd, storage_reader=_safe_reader(path))
+    except Exception as e:  # a checkpoint of another stage/model: DCP names the missing keys
+        msg = str(e).strip().splitlines()
+        raise UserError(f"{path}: does not match this run's models ({msg[-1][:300] if msg else type(e).__name__})") from None
+    for name, (model, opt) in models.items():
+        if opt is None:
+            set_model_state_dict(model, sd[name]["model"])
+        else:
+            set_state_dict(model, opt, model_state_dict=sd[name]["model"], optim_state_dict=sd[name]["optim"])
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if state["world_size"] == world:
+        _set_rng_state(state["rng"][rank], generators or {})
+    else:  # the sampling streams cannot map from N ranks to M: reseed from (seed, step, rank), and say so
+        torch.manual_seed(state.get("seed", 0) * 1000 + state["step"] * 10 + rank)
+        for k, g in (generators or {}).items():
+            g.manual_seed(state.get("seed", 0) * 1000 + state["step"] * 10 + rank + 7919 * (1 + list(generators).index(k)))
+        print0(f"[resume] checkpoint written by {state['world_size']} ranks, resuming on {world}: weights, optimiser "
+               f"and schedule are exact; random streams are reseeded")
+    print0(f"[resume] continuing from {path} (step {state['step']})")
+    return state
+
+
+class StopOnSignal:
+    """SIGTERM (what a cluster scheduler sends before killing a job) sets a flag instead of killing the process;
+    the training loop asks `requested()` once per step, which agrees across ranks, and then writes a resume
+    checkpoint and exits with status 143 (128 + SIGTERM, so `set -e` pipelines stop)."""
+
+    def __init__(self):
+        import signal
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.flag = True
+
+    def requested(self):
+        return all_reduce(float(self.flag), "max") > 0
+
+    @staticmethod
+    def exit(checkpoint):
+        print0(f"[resume] SIGTERM: saved {checkpoint}; continue with --resume")
+        cleanup_distributed()
+        sys.exit(143)
 
 
 # ----------------------------------------------------------------------------- math
@@ -697,6 +989,7 @@ def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tok
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
     cache, next_pos = out.cache, pos[:, -1:] + 1
     logits = out.logits[:, -1].float()
+    check_finite({"policy logits": logits}, "generation")  # multinomial would fail deep inside torch otherwise
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)

@@ -58,8 +58,7 @@ class Args:
 
 
 def parse_args(argv=None):
-    from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    args = common.parse_args(Args, argv)
     if args.task not in ("preference", "arena", "curves"):
         raise common.UserError(f"--task must be preference, arena or curves, got {args.task!r}")
     return args
@@ -161,6 +160,9 @@ def task_arena(args, rank, world, device):
         policies.append((name, path))
     if not policies:
         raise common.UserError("--policies is empty")
+    for path in (args.reward_model_name_or_path, args.cost_model_name_or_path):  # fail before any generation
+        if path:
+            common._check_model_path(path)
     prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.prompt_data, "prompt")))
     judge = common.load_judge(args.judge)
     mine = (prompts * args.samples_per_prompt)[rank::world]

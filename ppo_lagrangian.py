@@ -21,9 +21,8 @@ One PPO step = one rollout batch, in numbered blocks:
 """
 import collections
 import json
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -56,6 +55,7 @@ class Args:
     missing_eos_penalty: Optional[float] = None  # replace R of a response with no EOS by this value (None: keep)
     # --- batch vocabulary: rollout batch -> ppo_epochs -> minibatches (one optimiser step) -> micro-batches
     per_device_prompt_batch_size: int = 32  # prompts per rank per rollout
+    rollout_batch_size: int = 0  # prompts per rollout over all ranks; if set, per-device = this / world size
     per_device_train_batch_size: int = 16  # sequences per rank per optimiser step
     gradient_accumulation_steps: int = 1
     ppo_epochs: int = 1
@@ -99,11 +99,14 @@ class Args:
     run_name: str = ""
     overwrite: bool = False
     save_model: bool = True
+    # --- resume (README "Resuming and failures"): actor, critics, their optimisers, λ, the cost window, RNG
+    save_every: int = 0  # rollouts between resume checkpoints in output_dir/checkpoints (0: none)
+    keep_last: int = 2
+    resume: str = field(default="", metadata={"nargs": "?", "const": "auto"})  # --resume: newest checkpoint; or a path
 
 
 def parse_args(argv=None):
-    from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    args = common.parse_args(Args, argv)
     if args.algo not in ("ppo_lag", "ppo", "reward_shaping"):
         raise common.UserError(f"--algo must be ppo_lag, ppo or reward_shaping, got {args.algo!r}")
     if args.lagrangian not in ("gradient", "pid"):
@@ -239,7 +242,16 @@ def main(argv=None):
     use_cost = args.algo in ("ppo_lag", "reward_shaping")
 
     # 0. validate everything up front: data, model paths, batch arithmetic (RLHF-DETAILS 17), output folder
-    common.check_output_dir(args.output_dir, args.overwrite)
+    common.check_output_dir(args.output_dir, args.overwrite, args.resume)
+    ckpt = common.resolve_resume(args.resume, args.output_dir)
+    if args.rollout_batch_size:
+        if args.rollout_batch_size % world:
+            raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} is not divisible by world size {world}")
+        args.per_device_prompt_batch_size = args.rollout_batch_size // world
+    B, mb, acc = args.per_device_prompt_batch_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    if B % mb or mb % acc:
+        raise common.UserError(f"per_device_prompt_batch_size ({B}) must be a multiple of per_device_train_batch_size "
+                               f"({mb}), itself a multiple of gradient_accumulation_steps ({acc})")
     rows = common.load_rows(args.prompt_data, "prompt")
     prompts_text = list(dict.fromkeys(r["prompt"] for r in rows))  # duplicates removed, order kept
     eval_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.eval_prompt_data, "prompt"))) \
@@ -249,10 +261,9 @@ def main(argv=None):
     for path in [args.actor_model_name_or_path, args.reward_model_name_or_path, args.reward_critic_model_name_or_path] + \
             ([args.cost_model_name_or_path, args.cost_critic_model_name_or_path] if use_cost else []):
         common._check_model_path(path)
-    B, mb, acc = args.per_device_prompt_batch_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
-    if B % mb or mb % acc:
-        raise common.UserError(f"per_device_prompt_batch_size ({B}) must be a multiple of per_device_train_batch_size "
-                               f"({mb}), itself a multiple of gradient_accumulation_steps ({acc})")
+    for what, path in [("reward", args.reward_model_name_or_path)] + ([("cost", args.cost_model_name_or_path)] if use_cost else []):
+        if os.path.isdir(path) and not common.has_weights(path):  # a seeded random scorer is never what one wants here
+            raise common.UserError(f"{what} model folder {path} has no weights (*.safetensors): train it with train_preference.py")
     tokenizer = common.load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
     prompts, dropped = [], 0
     for p in prompts_text:
@@ -270,6 +281,9 @@ def main(argv=None):
     total = min(args.max_steps, steps_per_epoch * args.epochs) if args.max_steps > 0 else steps_per_epoch * args.epochs
     common.print0(f"[{args.algo}] world {world}, rollout {B * world} prompts/step, {B // mb * args.ppo_epochs} optimiser "
                   f"steps/rollout, {total} rollouts, threshold d={args.threshold}")
+    run_state = {"stage": args.algo, "global_batch": B * world, "n_prompts": len(prompts), "seed": args.seed}
+    if ckpt:
+        common.checkpoint_state(ckpt, expect=run_state)  # before any weights are read
 
     # 1. six models, all FSDP2-sharded; frozen ones hold no optimiser state. Dropout off everywhere (RLHF-DETAILS 10)
     mp = args.bf16 and device.type == "cuda"
@@ -305,9 +319,26 @@ def main(argv=None):
                                              args.lambda_update_delay_steps)
     cost_window = collections.deque(maxlen=args.episode_cost_window_size)
     lambda_history = []  # this rank's λ after each update; gathered at the end to show every rank agrees
-    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name)
     gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # sampling: seed + rank (STYLE 5)
     ptx_gen = torch.Generator().manual_seed(args.seed)
+    trained = {name: (models[name], opts[name]) for name in opts}  # what a resume checkpoint holds (frozen: reloaded)
+    generators = {"sampling": gen, "ptx": ptx_gen}
+    start = 0
+    if ckpt:
+        state = common.load_checkpoint(ckpt, trained, generators)
+        lagrange.load_state_dict(state["lagrange"])
+        cost_window.extend(state["cost_window"])
+        same_world = state["world_size"] == world
+        lambda_history = list(state["lambda_history"][rank if same_world else 0])
+        start = state["step"]
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
+                                  resume_step=start if ckpt else None)
+    stop = common.StopOnSignal()
+
+    def save(step):
+        state = {**run_state, "lagrange": lagrange.state_dict(), "cost_window": list(cost_window),
+                 "lambda_history": common.gather_objects([lambda_history])}
+        return common.save_checkpoint(args.output_dir, step, trained, state, generators, keep_last=args.keep_last)
 
     def evaluate_heldout(step):
         """Held-out prompts, sampled with a fixed seed: model-estimated reward/cost and the exact judge."""
@@ -337,126 +368,129 @@ def main(argv=None):
         return out
 
     # the SFT policy's numbers on the held-out prompts: the baseline every later evaluation is compared to
-    evaluate_heldout(0)
-    step = 0
-    bar = common.progress(total=total, desc=args.algo)
-    for epoch in range(args.epochs):
-        for idx in common.batches(len(prompts), B * world, rank, world, args.seed, epoch):
-            if step >= total:
-                break
-            # ---- 1-2. generate and cut after EOS
-            batch = rollout(models["actor"], [prompts[i][1] for i in idx], tokenizer, args, device, gen)
-            mask, lens = batch["mask"], batch["lens"]
-            # ---- 3. score: one batched no-grad pass per model
-            s = score_rollout(batch, models, args)
-            reward, cost = s["reward"] / reward_std, (s["cost"] / cost_std if "cost" in s else None)
-            no_eos = ~batch["has_eos"]
-            if args.missing_eos_penalty is not None:  # RLHF-DETAILS 3: the cost of such a response is kept
-                reward = torch.where(no_eos, torch.full_like(reward, args.missing_eos_penalty), reward)
-            if args.algo == "reward_shaping":
-                reward = reward - args.shaping_coeff * cost
-            # ---- 4. per-token signals; kl is exactly 0 on padded positions (mask)
-            kl = (s["old_logp"] - s["ref_logp"]) * mask
-            rewards_t = per_token_signal(kl, reward, lens, mask, args.kl_coeff, -1.0, args.clip_range_score)
-            # ---- 5. the multiplier, once per rollout batch, from the raw episode costs of all ranks (same λ everywhere)
-            if args.algo == "ppo_lag":
-                costs_t = per_token_signal(kl, cost, lens, mask, args.kl_coeff, +1.0, args.clip_range_score)
-                cost_window.extend(common.gather_objects(s["cost"].tolist()))
-                episode_cost = sum(cost_window) / len(cost_window)
-                lam = lagrange.update(episode_cost, args.threshold)
-                lambda_history.append(lam)
-            # ---- 6. GAE per stream (returns before any whitening), then the mixed advantage
-            adv_r, ret_r = common.gae(rewards_t, s["reward_values"], mask, args.gamma, args.gae_lambda)
-            if args.algo == "ppo_lag":
-                adv_c, ret_c = common.gae(costs_t, s["cost_values"], mask, args.gamma, args.gae_lambda)
-                if args.whiten_advantages:
-                    adv_r, adv_c = whiten(adv_r, mask), whiten(adv_c, mask)
-                advantages = mixed_advantage(adv_r, adv_c, lam)
-            else:
-                advantages = whiten(adv_r, mask) if args.whiten_advantages else adv_r
-            # ---- 7. PPO update: epochs over shuffled minibatches, one optimiser step each
-            stats = collections.defaultdict(list)
-            ids_all, attn_all, pos_all, P = batch["seq"], batch["attn"], batch["pos"], batch["P"]
-            for ppo_epoch in range(args.ppo_epochs):
-                order = torch.randperm(B, generator=ptx_gen) if ppo_epoch else torch.arange(B)
-                for m0 in range(0, B, mb):
-                    mb_idx = order[m0:m0 + mb]
+    if not ckpt:
+        evaluate_heldout(0)
+    bar = common.progress(total=total, initial=start, desc=args.algo)
+    for step in range(start, total):
+        idx = common.batch_indices(len(prompts), B * world, rank, world, args.seed, step, steps_per_epoch)
+        # ---- 1-2. generate and cut after EOS
+        batch = rollout(models["actor"], [prompts[i][1] for i in idx], tokenizer, args, device, gen)
+        mask, lens = batch["mask"], batch["lens"]
+        # ---- 3. score: one batched no-grad pass per model
+        s = score_rollout(batch, models, args)
+        common.check_finite({k: s[k] for k in ("reward", "cost", "old_logp", "ref_logp") if k in s}, f"rollout {step + 1}")
+        reward, cost = s["reward"] / reward_std, (s["cost"] / cost_std if "cost" in s else None)
+        no_eos = ~batch["has_eos"]
+        if args.missing_eos_penalty is not None:  # RLHF-DETAILS 3: the cost of such a response is kept
+            reward = torch.where(no_eos, torch.full_like(reward, args.missing_eos_penalty), reward)
+        if args.algo == "reward_shaping":
+            reward = reward - args.shaping_coeff * cost
+        # ---- 4. per-token signals; kl is exactly 0 on padded positions (mask)
+        kl = (s["old_logp"] - s["ref_logp"]) * mask
+        rewards_t = per_token_signal(kl, reward, lens, mask, args.kl_coeff, -1.0, args.clip_range_score)
+        # ---- 5. the multiplier, once per rollout batch, from the raw episode costs of all ranks (same λ everywhere)
+        if args.algo == "ppo_lag":
+            costs_t = per_token_signal(kl, cost, lens, mask, args.kl_coeff, +1.0, args.clip_range_score)
+            cost_window.extend(common.gather_objects(s["cost"].tolist()))
+            episode_cost = sum(cost_window) / len(cost_window)
+            lam = lagrange.update(episode_cost, args.threshold)
+            lambda_history.append(lam)
+        # ---- 6. GAE per stream (returns before any whitening), then the mixed advantage
+        adv_r, ret_r = common.gae(rewards_t, s["reward_values"], mask, args.gamma, args.gae_lambda)
+        if args.algo == "ppo_lag":
+            adv_c, ret_c = common.gae(costs_t, s["cost_values"], mask, args.gamma, args.gae_lambda)
+            if args.whiten_advantages:
+                adv_r, adv_c = whiten(adv_r, mask), whiten(adv_c, mask)
+            advantages = mixed_advantage(adv_r, adv_c, lam)
+        else:
+            advantages = whiten(adv_r, mask) if args.whiten_advantages else adv_r
+        # ---- 7. PPO update: epochs over shuffled minibatches, one optimiser step each
+        stats = collections.defaultdict(list)
+        ids_all, attn_all, pos_all, P = batch["seq"], batch["attn"], batch["pos"], batch["P"]
+        for ppo_epoch in range(args.ppo_epochs):
+            order = torch.randperm(B, generator=ptx_gen) if ppo_epoch else torch.arange(B)
+            for m0 in range(0, B, mb):
+                mb_idx = order[m0:m0 + mb]
+                for name in opts:
+                    opts[name].zero_grad(set_to_none=True)
+                for k in range(acc):
+                    last = k == acc - 1
+                    j = mb_idx[k::acc].to(device)
+                    ids, attn, pos, msk = ids_all[j], attn_all[j], pos_all[j], mask[j]
                     for name in opts:
-                        opts[name].zero_grad(set_to_none=True)
-                    for k in range(acc):
-                        last = k == acc - 1
-                        j = mb_idx[k::acc].to(device)
-                        ids, attn, pos, msk = ids_all[j], attn_all[j], pos_all[j], mask[j]
-                        for name in opts:
-                            models[name].set_requires_gradient_sync(last)
-                        logp = response_logprobs(models["actor"], ids, attn, pos, P, args.temperature)
-                        ratio = torch.exp(logp - s["old_logp"][j])
-                        a_loss = actor_loss(logp, s["old_logp"][j], advantages[j], msk, args.clip_ratio)
-                        loss = a_loss
-                        if ptx:  # PTX (InstructGPT eq. 2): language-model loss on SFT rows, same optimiser step
-                            pick = torch.randint(len(ptx), (len(j),), generator=ptx_gen).tolist()
-                            pids, ptgt = common.sft_batch([ptx[i] for i in pick], tokenizer.pad_token_id, False, device)
-                            nll_sum, n_tok = common.lm_nll(models["actor"], pids, ptgt)
-                            ptx_loss = nll_sum / n_tok.clamp(min=1)
-                            loss = loss + args.ptx_coeff * ptx_loss
-                            stats["train/ptx_loss"].append(ptx_loss.item())
-                        (loss / acc).backward()
-                        vr = critic_values(models["reward_critic"], ids, attn, pos, P)
-                        r_loss = critic_loss(vr, s["reward_values"][j], ret_r[j], msk, args.clip_range_value)
-                        (r_loss / acc).backward()
-                        if models["cost_critic"] is not None:
-                            vc = critic_values(models["cost_critic"], ids, attn, pos, P)
-                            c_loss = critic_loss(vc, s["cost_values"][j], ret_c[j], msk, args.clip_range_value)
-                            (c_loss / acc).backward()
-                            stats["train/cost_critic_loss"].append(c_loss.item())
-                        with torch.no_grad():
-                            stats["train/actor_loss"].append(a_loss.item())
-                            stats["train/reward_critic_loss"].append(r_loss.item())
-                            stats["train/approx_kl"].append(common.masked_mean(0.5 * (logp - s["old_logp"][j]) ** 2, msk).item())
-                            stats["train/clip_fraction"].append(common.masked_mean(((ratio - 1).abs() > args.clip_ratio).float(), msk).item())
-                            stats["train/ratio_max_deviation"].append(((ratio - 1).abs() * msk).max().item())
-                    for name, opt in opts.items():
-                        gn = torch.nn.utils.clip_grad_norm_(models[name].parameters(), args.max_grad_norm)
-                        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-                        if not math.isfinite(gn.item()):
-                            raise common.UserError(f"non-finite {name} gradient at step {step + 1}: stopping before it is saved")
-                        stats[f"train/{name}_grad_norm"].append(gn.item())
-                        opt.step()
-            step += 1
-            bar.update(1)
+                        models[name].set_requires_gradient_sync(last)
+                    logp = response_logprobs(models["actor"], ids, attn, pos, P, args.temperature)
+                    ratio = torch.exp(logp - s["old_logp"][j])
+                    a_loss = actor_loss(logp, s["old_logp"][j], advantages[j], msk, args.clip_ratio)
+                    loss = a_loss
+                    if ptx:  # PTX (InstructGPT eq. 2): language-model loss on SFT rows, same optimiser step
+                        pick = torch.randint(len(ptx), (len(j),), generator=ptx_gen).tolist()
+                        pids, ptgt = common.sft_batch([ptx[i] for i in pick], tokenizer.pad_token_id, False, device)
+                        nll_sum, n_tok = common.lm_nll(models["actor"], pids, ptgt)
+                        ptx_loss = nll_sum / n_tok.clamp(min=1)
+                        loss = loss + args.ptx_coeff * ptx_loss
+                        stats["train/ptx_loss"].append(ptx_loss.item())
+                    (loss / acc).backward()
+                    vr = critic_values(models["reward_critic"], ids, attn, pos, P)
+                    r_loss = critic_loss(vr, s["reward_values"][j], ret_r[j], msk, args.clip_range_value)
+                    (r_loss / acc).backward()
+                    if models["cost_critic"] is not None:
+                        vc = critic_values(models["cost_critic"], ids, attn, pos, P)
+                        c_loss = critic_loss(vc, s["cost_values"][j], ret_c[j], msk, args.clip_range_value)
+                        (c_loss / acc).backward()
+                        stats["train/cost_critic_loss"].append(c_loss.item())
+                    with torch.no_grad():
+                        stats["train/actor_loss"].append(a_loss.item())
+                        stats["train/reward_critic_loss"].append(r_loss.item())
+                        stats["train/approx_kl"].append(common.masked_mean(0.5 * (logp - s["old_logp"][j]) ** 2, msk).item())
+                        stats["train/clip_fraction"].append(common.masked_mean(((ratio - 1).abs() > args.clip_ratio).float(), msk).item())
+                        stats["train/ratio_max_deviation"].append(((ratio - 1).abs() * msk).max().item())
+                norms = {}
+                for name in opts:
+                    gn = torch.nn.utils.clip_grad_norm_(models[name].parameters(), args.max_grad_norm)
+                    norms[name] = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()
+                    stats[f"train/{name}_grad_norm"].append(norms[name])
+                # a NaN/inf anywhere (a loss gives NaN gradients) stops before any model is updated
+                common.check_finite({f"{k} gradient norm": v for k, v in norms.items()}, f"rollout {step + 1}")
+                for opt in opts.values():
+                    opt.step()
+        step += 1
+        bar.update(1)
 
-            # ---- logging (safe-rlhf's metric names), averaged over ranks
-            if step % args.log_every == 0 or step == total:
-                m = {"train/reward": s["reward"].mean().item(), "train/reward_with_kl_penalty": masked_sum_mean(rewards_t, mask).item(),
-                     "train/kl_divergence": masked_sum_mean(kl, mask).item(), "train/entropy": s["entropy"].item(),
-                     "train/mean_generated_length": lens.float().mean().item(), "train/eos_fraction": batch["has_eos"].float().mean().item(),
-                     "train/reward_advantage": common.masked_mean(adv_r, mask).item(),
-                     "train/reward_return": common.masked_mean(ret_r, mask).item(),
-                     "train/reward_value_explained_variance": explained_variance(s["reward_values"], ret_r, mask),
-                     **{k: sum(v) / len(v) for k, v in stats.items() if k != "train/ratio_max_deviation"}}
-                if args.algo == "reward_shaping":
-                    m["train/shaped_reward"] = reward.mean().item()  # R − ν·C, the score the reward stream used
-                if "cost" in s:
-                    m["train/cost"] = s["cost"].mean().item()
-                    m["train/unsafe_rate"] = (s["cost"] > 0).float().mean().item()
-                keys = list(m)  # one all-reduce for every metric, not one per metric
-                m = dict(zip(keys, (common.all_reduce(torch.tensor([m[k] for k in keys])) / world).tolist()))
-                m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
-                m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
-                if args.algo == "ppo_lag":
-                    m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
-                if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)
-                    texts = common.decode_responses(tokenizer, batch["responses"], lens, batch["has_eos"])
-                    rep = common.judge_report(judge, common.gather_objects([prompts[i][0] for i in idx]), common.gather_objects(texts))
-                    m.update({"train/judge_unsafe_rate_harmful": rep["judge/unsafe_rate_harmful"],
-                              "train/judge_helpful_benign": rep["judge/helpful_benign"]})
-                logger.log(step, m, echo=False)
-                bar.set_postfix(R=f"{m['train/reward']:.2f}", **({"C": f"{m['train/cost']:.2f}"} if "cost" in s else {}),
-                                **({"lam": f"{lam:.2f}"} if args.algo == "ppo_lag" else {}))
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                evaluate_heldout(step)
-        if step >= total:
-            break
+        # ---- logging (safe-rlhf's metric names), averaged over ranks
+        if step % args.log_every == 0 or step == total:
+            m = {"train/reward": s["reward"].mean().item(), "train/reward_with_kl_penalty": masked_sum_mean(rewards_t, mask).item(),
+                 "train/kl_divergence": masked_sum_mean(kl, mask).item(), "train/entropy": s["entropy"].item(),
+                 "train/mean_generated_length": lens.float().mean().item(), "train/eos_fraction": batch["has_eos"].float().mean().item(),
+                 "train/reward_advantage": common.masked_mean(adv_r, mask).item(),
+                 "train/reward_return": common.masked_mean(ret_r, mask).item(),
+                 "train/reward_value_explained_variance": explained_variance(s["reward_values"], ret_r, mask),
+                 **{k: sum(v) / len(v) for k, v in stats.items() if k != "train/ratio_max_deviation"}}
+            if args.algo == "reward_shaping":
+                m["train/shaped_reward"] = reward.mean().item()  # R − ν·C, the score the reward stream used
+            if "cost" in s:
+                m["train/cost"] = s["cost"].mean().item()
+                m["train/unsafe_rate"] = (s["cost"] > 0).float().mean().item()
+            keys = list(m)  # one all-reduce for every metric, not one per metric
+            m = dict(zip(keys, (common.all_reduce(torch.tensor([m[k] for k in keys])) / world).tolist()))
+            m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
+            m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
+            if args.algo == "ppo_lag":
+                m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
+            if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)
+                texts = common.decode_responses(tokenizer, batch["responses"], lens, batch["has_eos"])
+                rep = common.judge_report(judge, common.gather_objects([prompts[i][0] for i in idx]), common.gather_objects(texts))
+                m.update({"train/judge_unsafe_rate_harmful": rep["judge/unsafe_rate_harmful"],
+                          "train/judge_helpful_benign": rep["judge/helpful_benign"]})
+            logger.log(step, m, echo=False)
+            bar.set_postfix(R=f"{m['train/reward']:.2f}", **({"C": f"{m['train/cost']:.2f}"} if "cost" in s else {}),
+                            **({"lam": f"{lam:.2f}"} if args.algo == "ppo_lag" else {}))
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            evaluate_heldout(step)
+        # a resume checkpoint after everything of this step is logged (never at the end: the HF folder is saved)
+        saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
+        if stop.requested():
+            common.StopOnSignal.exit(saved or save(step))
     bar.close()
 
     # final held-out evaluation, then save: the actor as an HF folder; critics and λ for resume

@@ -13,7 +13,7 @@ accumulation give the same step.
     #   --gradient_accumulation_steps 8 --warmup_ratio 0.03 --activation_checkpointing --judge ''
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -30,12 +30,14 @@ class Args:
     max_length: int = 128  # prompt + response tokens; longer responses are truncated (and counted)
     chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
     skip_invalid_rows: bool = False  # skip bad rows with a counted warning instead of stopping
+    truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (default: drop)
     trust_remote_code: bool = False
     # --- optimisation (the research knobs)
     epochs: int = 6
     max_steps: int = -1  # stop after this many optimiser steps (-1: run all epochs)
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    global_batch_size: int = 0  # if set, gradient_accumulation_steps = this / (per-device batch x world size)
     learning_rate: float = 1e-3  # tiny default; safe-rlhf 7B: 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -54,14 +56,16 @@ class Args:
     judge_samples_per_prompt: int = 4  # sampled at temperature 1: the policy's distribution, not its mode
     wandb_project: str = ""
     run_name: str = "sft"
-    overwrite: bool = False  # replace a finished run in output_dir
+    overwrite: bool = False  # replace a finished run (or an unfinished one's checkpoints) in output_dir
     save_model: bool = True
+    # --- resume (README "Resuming and failures")
+    save_every: int = 0  # optimiser steps between resume checkpoints in output_dir/checkpoints (0: none)
+    keep_last: int = 2  # resume checkpoints kept (older ones are deleted)
+    resume: str = field(default="", metadata={"nargs": "?", "const": "auto"})  # --resume: newest checkpoint; or a path
 
 
 def parse_args(argv=None):
-    from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
-    return args
+    return common.parse_args(Args, argv)
 
 
 @torch.no_grad()
@@ -82,25 +86,36 @@ def evaluate_loss(model, data, args, pad_id, rank, world, device):
     return tot / max(n, 1)
 
 
+def save(args, model, opt, sched, step, run_state):
+    return common.save_checkpoint(args.output_dir, step, {"model": (model, opt)},
+                                  {**run_state, "scheduler": sched.state_dict()}, keep_last=args.keep_last)
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.setup_distributed()
     torch.manual_seed(args.seed)
 
     # 1. validate everything before building anything: data, model path, batch sizes, output folder
-    common.check_output_dir(args.output_dir, args.overwrite)
+    common.check_output_dir(args.output_dir, args.overwrite, args.resume)
+    ckpt = common.resolve_resume(args.resume, args.output_dir)
     train_rows = common.load_rows(args.train_data, "sft", args.skip_invalid_rows)
     eval_rows = common.load_rows(args.eval_data, "sft", args.skip_invalid_rows) if args.eval_data else []
     judge = common.load_judge(args.judge)
     judge_prompts = [r["prompt"] for r in common.load_rows(args.judge_prompts, "prompt")] if judge else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    train = common.tokenize_sft_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data)
-    evald = common.tokenize_sft_rows(eval_rows, tokenizer, args.max_length, args.chat_template, args.eval_data) if eval_rows else []
-    global_batch, steps_per_epoch, total_steps = common.plan_steps(
+    train = common.tokenize_sft_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data,
+                                     args.truncate_long_prompts)
+    evald = common.tokenize_sft_rows(eval_rows, tokenizer, args.max_length, args.chat_template, args.eval_data,
+                                     args.truncate_long_prompts) if eval_rows else []
+    global_batch, accum, steps_per_epoch, total_steps = common.plan_steps(
         len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
-        args.max_steps, args.train_data)
+        args.max_steps, args.train_data, args.global_batch_size)
     common.print0(f"[sft] world {world}, global batch {global_batch} = {args.per_device_train_batch_size} x {world} "
-                  f"ranks x {args.gradient_accumulation_steps} accum, {steps_per_epoch} steps/epoch, {total_steps} steps")
+                  f"ranks x {accum} accum, {steps_per_epoch} steps/epoch, {total_steps} steps")
+    run_state = {"stage": "sft", "global_batch": global_batch, "train_rows": len(train), "seed": args.seed}
+    if ckpt:
+        common.checkpoint_state(ckpt, expect=run_state)  # before any weights are read
 
     # 2. model, FSDP2, optimiser (AdamW betas (0.9, 0.95) as safe-rlhf), warmup + cosine schedule
     model = common.load_causal_lm(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
@@ -112,46 +127,54 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
     sched = common.cosine_schedule(opt, int(args.warmup_ratio * total_steps), total_steps)
-    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name)
+    start = 0
+    if ckpt:  # weights, optimiser, schedule, RNG; the data position is a function of the step
+        state = common.load_checkpoint(ckpt, {"model": (model, opt)})
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
+                                  resume_step=start if ckpt else None)
+    stop = common.StopOnSignal()
 
     # 3. train
-    step, pad_id = 0, tokenizer.pad_token_id
-    bar = common.progress(total=total_steps, desc="sft")
-    for epoch in range(args.epochs):
-        for idx in common.batches(len(train), global_batch, rank, world, args.seed, epoch):
-            if step >= total_steps:
-                break
-            micro = [idx[i::args.gradient_accumulation_steps] for i in range(args.gradient_accumulation_steps)]
-            built = [common.sft_batch([train[j] for j in m], pad_id, args.include_prompt_loss, device) for m in micro]
-            n_global = common.all_reduce(sum(b[1].sum().item() for b in built))  # response tokens, all ranks
-            loss_sum = 0.0
-            for k, (ids, m) in enumerate(built):
-                model.set_requires_gradient_sync(k == len(built) - 1)  # reduce-scatter once per step
-                s, _ = common.lm_nll(model, ids, m)
-                # FSDP averages gradients over ranks, so scale by world: the step is the global token mean
-                (s * world / n_global).backward()
-                loss_sum += s.item()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-            if not math.isfinite(gnorm.item()):
-                raise common.UserError(f"non-finite gradient norm at step {step + 1}: stopping before it is saved")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            loss = common.all_reduce(loss_sum) / n_global
-            if step % args.log_every == 0 or step == 1 or step == total_steps:
-                logger.log(step, {"train/loss": loss, "train/lr": sched.get_last_lr()[0], "train/grad_norm": gnorm.item(),
-                                  "train/epoch": epoch + 1}, echo=False)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if evald and args.eval_every and step % args.eval_every == 0:
-                logger.log(step, {"eval/loss": evaluate_loss(model, evald, args, pad_id, rank, world, device)})
-        if evald and not args.eval_every:
+    pad_id = tokenizer.pad_token_id
+    bar = common.progress(total=total_steps, initial=start, desc="sft")
+    for step in range(start, total_steps):
+        epoch = step // steps_per_epoch
+        idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
+        micro = [idx[i::accum] for i in range(accum)]
+        built = [common.sft_batch([train[j] for j in m], pad_id, args.include_prompt_loss, device) for m in micro]
+        n_global = common.all_reduce(sum(b[1].sum().item() for b in built))  # response tokens, all ranks
+        loss_sum = 0.0
+        for k, (ids, m) in enumerate(built):
+            model.set_requires_gradient_sync(k == len(built) - 1)  # reduce-scatter once per step
+            s, _ = common.lm_nll(model, ids, m)
+            # FSDP averages gradients over ranks, so scale by world: the step is the global token mean
+            (s * world / n_global).backward()
+            loss_sum += s.item()
+        loss = common.all_reduce(loss_sum) / n_global
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        common.check_finite({"loss": loss, "gradient norm": gnorm}, f"sft step {step + 1}")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == 1 or step == total_steps:
+            logger.log(step, {"train/loss": loss, "train/lr": sched.get_last_lr()[0], "train/grad_norm": gnorm.item(),
+                              "train/epoch": epoch + 1}, echo=False)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if evald and (step % args.eval_every == 0 if args.eval_every else end_of_epoch):
             logger.log(step, {"eval/loss": evaluate_loss(model, evald, args, pad_id, rank, world, device),
                               "train/epoch": epoch + 1})
-        if step >= total_steps:
-            break
+        # a resume checkpoint after everything of this step is logged (never at the end: the HF folder is saved)
+        saved = None
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            saved = save(args, model, opt, sched, step, run_state)
+        if stop.requested():
+            common.StopOnSignal.exit(saved or save(args, model, opt, sched, step, run_state))
     bar.close()
 
     # 4. the exact judge on held-out prompts (sampled): does the model answer in the task's format, and how

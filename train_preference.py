@@ -19,7 +19,7 @@ labels of a PKU-SafeRLHF row:
 """
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ class Args:
     max_length: int = 128
     chat_template: bool = False
     skip_invalid_rows: bool = False
+    truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (default: drop)
     trust_remote_code: bool = False
     # --- optimisation (the research knobs)
     loss_type: str = "sequence-wise"  # sequence-wise | token-wise (safe-rlhf's option)
@@ -46,6 +47,7 @@ class Args:
     max_steps: int = -1
     per_device_train_batch_size: int = 16  # pairs per rank per micro-batch
     gradient_accumulation_steps: int = 1
+    global_batch_size: int = 0  # pairs per step; if set, gradient_accumulation_steps = this / (per-device x world)
     learning_rate: float = 5e-4  # tiny default; safe-rlhf 7B: 2e-5
     weight_decay: float = 0.1
     warmup_ratio: float = 0.03
@@ -62,11 +64,14 @@ class Args:
     run_name: str = ""
     overwrite: bool = False
     save_model: bool = True
+    # --- resume (README "Resuming and failures")
+    save_every: int = 0  # optimiser steps between resume checkpoints in output_dir/checkpoints (0: none)
+    keep_last: int = 2
+    resume: str = field(default="", metadata={"nargs": "?", "const": "auto"})  # --resume: newest checkpoint; or a path
 
 
 def parse_args(argv=None):
-    from transformers import HfArgumentParser
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    args = common.parse_args(Args, argv)
     if args.objective not in ("reward", "cost"):
         raise common.UserError(f"--objective must be reward or cost, got {args.objective!r}")
     if args.loss_type not in ("sequence-wise", "token-wise"):
@@ -109,14 +114,17 @@ def cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, regularization=0.0
 
 
 # ----------------------------------------------------------------------------- data
-def make_pairs(rows, objective, tokenizer, max_length, chat_template, source):
+def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, truncate_prompts=False):
     """Each row -> (hi_ids, lo_ids, hi_safe, lo_safe): hi is the better (reward) or the safer (cost) response.
-    Rows where either side does not fit even one response token are dropped and counted."""
+    Rows whose prompt does not leave room for a response (unless truncate_prompts), or whose two sides are
+    identical after truncation, are dropped and counted."""
     out, truncated, dropped = [], 0, 0
     for r in rows:
         hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
-        a = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{hi}"], max_length, chat_template)
-        b = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{1 - hi}"], max_length, chat_template)
+        a = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{hi}"], max_length, chat_template,
+                                            truncate_prompts)
+        b = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{1 - hi}"], max_length, chat_template,
+                                            truncate_prompts)
         if a is None or b is None or a[0] == b[0]:  # identical after truncation: no signal
             dropped += 1
             continue
@@ -231,18 +239,23 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     # 1. validate everything up front
-    common.check_output_dir(args.output_dir, args.overwrite)
+    common.check_output_dir(args.output_dir, args.overwrite, args.resume)
+    ckpt = common.resolve_resume(args.resume, args.output_dir)
     train_rows = common.load_rows(args.train_data, args.objective, args.skip_invalid_rows)
     eval_rows = common.load_rows(args.eval_data, args.objective, args.skip_invalid_rows) if args.eval_data else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data)
-    evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data) \
-        if eval_rows else []
-    global_batch, steps_per_epoch, total = common.plan_steps(
+    train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data,
+                       args.truncate_long_prompts)
+    evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data,
+                       args.truncate_long_prompts) if eval_rows else []
+    global_batch, acc, steps_per_epoch, total = common.plan_steps(
         len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
-        args.max_steps, args.train_data)
+        args.max_steps, args.train_data, args.global_batch_size)
     common.print0(f"[{args.objective}] world {world}, global batch {global_batch} pairs, {steps_per_epoch} steps/epoch, "
                   f"{total} steps, loss {args.loss_type}")
+    run_state = {"stage": args.objective, "global_batch": global_batch, "train_rows": len(train), "seed": args.seed}
+    if ckpt:
+        common.checkpoint_state(ckpt, expect=run_state)
 
     # 2. score model from the SFT folder, FSDP2, AdamW (0.9, 0.95), warmup + cosine
     model = common.load_score_model(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
@@ -254,39 +267,49 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
     sched = common.cosine_schedule(opt, int(args.warmup_ratio * total), total)
-    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name)
+    start = 0
+    if ckpt:
+        state = common.load_checkpoint(ckpt, {"model": (model, opt)})
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+    logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
+                                  resume_step=start if ckpt else None)
+    stop = common.StopOnSignal()
+
+    def save(step):
+        return common.save_checkpoint(args.output_dir, step, {"model": (model, opt)},
+                                      {**run_state, "scheduler": sched.state_dict()}, keep_last=args.keep_last)
 
     # 3. train; each step's loss is the mean over the global batch's pairs (every rank holds the same number)
-    step, pad_id, acc = 0, tokenizer.pad_token_id, args.gradient_accumulation_steps
-    bar = common.progress(total=total, desc=args.objective)
-    for epoch in range(args.epochs):
-        for idx in common.batches(len(train), global_batch, rank, world, args.seed, epoch):
-            if step >= total:
-                break
-            loss_sum, right = 0.0, 0.0
-            for k in range(acc):
-                model.set_requires_gradient_sync(k == acc - 1)
-                batch = make_batch([train[j] for j in idx[k::acc]], pad_id, device)
-                loss, hi, lo = batch_loss(model, batch, args)
-                (loss / acc).backward()
-                loss_sum += loss.item() / acc
-                right += ((hi > lo) if args.objective == "reward" else (lo > hi)).float().mean().item() / acc
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-            if not math.isfinite(gnorm.item()):
-                raise common.UserError(f"non-finite gradient norm at step {step + 1}: stopping before it is saved")
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step == 1 or step == total:
-                loss_g, acc_g = common.all_reduce(loss_sum) / world, common.all_reduce(right) / world
-                logger.log(step, {"train/loss": loss_g, "train/accuracy": acc_g, "train/lr": sched.get_last_lr()[0],
-                                  "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
-                bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
-        if evald:
+    pad_id = tokenizer.pad_token_id
+    bar = common.progress(total=total, initial=start, desc=args.objective)
+    for step in range(start, total):
+        epoch = step // steps_per_epoch
+        idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
+        loss_sum, right = 0.0, 0.0
+        for k in range(acc):
+            model.set_requires_gradient_sync(k == acc - 1)
+            batch = make_batch([train[j] for j in idx[k::acc]], pad_id, device)
+            loss, hi, lo = batch_loss(model, batch, args)
+            (loss / acc).backward()
+            loss_sum += loss.item() / acc
+            right += ((hi > lo) if args.objective == "reward" else (lo > hi)).float().mean().item() / acc
+        loss_g, acc_g = (common.all_reduce(torch.tensor([loss_sum, right])) / world).tolist()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.objective} step {step + 1}")
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == 1 or step == total:
+            logger.log(step, {"train/loss": loss_g, "train/accuracy": acc_g, "train/lr": sched.get_last_lr()[0],
+                              "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
+            bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
+        if evald and (step % steps_per_epoch == 0 or step == total):
             logger.log(step, {**evaluate(model, evald, args, pad_id, rank, world, device), "train/epoch": epoch + 1})
-        if step >= total:
-            break
+        saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
+        if stop.requested():
+            common.StopOnSignal.exit(saved or save(step))
     bar.close()
 
     # 4. final evaluation -> eval.json; score statistics -> config; save the HF folder

@@ -4,20 +4,22 @@
 # One node of 8 GPUs; for several nodes replace --nproc_per_node=8 by
 #   --nnodes=$NNODES --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500
 set -euo pipefail
+# Preempted? Run the script again: finished stages are skipped, an unfinished one resumes from its newest
+# checkpoint (--save_every ... --resume; README "Resuming and failures").
 cd "$(dirname "$0")/.."
 OUT=${OUT:-output/beaver}
 SFT=${SFT:-PKU-Alignment/alpaca-7b-reproduced}
 DATA=${DATA:-PKU-Alignment/PKU-SafeRLHF}
 RUN="torchrun --nproc_per_node=${NPROC:-8}"
 for OBJ in reward cost; do
-  $RUN train_preference.py --objective $OBJ --model_name_or_path $SFT --train_data $DATA:train --eval_data $DATA:test \
-    --output_dir $OUT/$OBJ --epochs 2 --learning_rate 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \
+  [ -f $OUT/$OBJ/config.json ] || $RUN train_preference.py --objective $OBJ --model_name_or_path $SFT --train_data $DATA:train --eval_data $DATA:test \
+    --output_dir $OUT/$OBJ --save_every 200 --resume --epochs 2 --learning_rate 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 \
     --regularization 0.001 --per_device_train_batch_size 16 --max_length 512 --activation_checkpointing
 done
-$RUN ppo_lagrangian.py --algo ppo_lag --actor_model_name_or_path $SFT \
+[ -f $OUT/ppo_lag/config.json ] || $RUN ppo_lagrangian.py --algo ppo_lag --actor_model_name_or_path $SFT \
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost \
   --prompt_data $DATA:train --eval_prompt_data $DATA:test --judge '' --ptx_data tatsu-lab/alpaca:train \
-  --output_dir $OUT/ppo_lag --max_prompt_length 512 --max_new_tokens 512 --epochs 1 --max_steps -1 \
+  --output_dir $OUT/ppo_lag --save_every 20 --resume --max_prompt_length 512 --max_new_tokens 512 --epochs 1 --max_steps -1 \
   --per_device_prompt_batch_size 16 --per_device_train_batch_size 16 --ppo_epochs 1 \
   --actor_lr 1e-5 --critic_lr 5e-6 --kl_coeff 0.01 --clip_ratio 0.2 --clip_range_score 50 --clip_range_value 5 \
   --gamma 1.0 --gae_lambda 0.95 --threshold 0.0 --lambda_init 1.0 --lambda_lr 0.1 --lambda_max 5.0 \

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -14,8 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "data"))
 TIMEOUT = 900  # generous: this machine can be many times slower for minutes
 
 
-def run(script, *args, nproc=1, check=True, timeout=TIMEOUT, env=None):
-    """Run `script` with flags; nproc > 1 goes through torchrun (gloo on CPU)."""
+def _command(script, args, nproc, env):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
                "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", script, *map(str, args)]
@@ -23,11 +23,59 @@ def run(script, *args, nproc=1, check=True, timeout=TIMEOUT, env=None):
         cmd = [sys.executable, script, *map(str, args)]
     e = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
          "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", **(env or {})}
-    e.pop("RANK", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return cmd, e
+
+
+def run(script, *args, nproc=1, check=True, timeout=TIMEOUT, env=None):
+    """Run `script` with flags; nproc > 1 goes through torchrun (gloo on CPU)."""
+    cmd, e = _command(script, args, nproc, env)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def start(script, *args, nproc=1, env=None):
+    """Start `script` in the background (for kill/SIGTERM tests) -> Popen; output goes to a temp file."""
+    cmd, e = _command(script, args, nproc, env)
+    log = tempfile.TemporaryFile(mode="w+")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=e)
+    p.log = log
+    return p
+
+
+def output_of(p):
+    p.log.seek(0)
+    return p.log.read()
+
+
+def main_inprocess(script, *args):
+    """Run a stage's main() inside the test process exactly as its `__main__` does (common.entrypoint), without
+    the few seconds of a new interpreter -> (exit code, stdout, stderr). The process environment and the SIGTERM
+    handler are restored afterwards."""
+    import contextlib
+    import importlib
+    import io
+    import signal
+    import common
+    import torch.distributed as dist
+    module = importlib.import_module(script.removesuffix(".py"))
+    env, handler = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            common.entrypoint(lambda: module.main([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGTERM, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code, out.getvalue(), err.getvalue()
 
 
 def metrics(output_dir, key=None):

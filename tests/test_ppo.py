@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import common
 from conftest import metrics, run
 from ppo_lagrangian import actor_loss, critic_loss, mixed_advantage, per_token_signal, sequence_inputs
 

@@ -1,5 +1,5 @@
-"""sft.py end to end: 2-rank FSDP equals 1 rank, the default run learns the task format, the saved folder
-reloads to the same logits, bad data fails cleanly, pad == eos trains the same, real rows batch."""
+"""sft.py end to end: 2-rank FSDP equals 1 rank, the default run learns the task format, the saved folder reloads
+to the same logits, pad == eos trains the same, real rows batch (bad input: test_bad_input.py)."""
 import gzip
 import json
 import os
@@ -65,34 +65,6 @@ def test_pad_equal_eos_trains_the_same(tmp_path):
     run("sft.py", "--output_dir", tmp_path / "a", *FAST)
     run("sft.py", "--output_dir", tmp_path / "b", *FAST, "--model_name_or_path", folder)
     assert metrics(tmp_path / "a", "train/loss") == pytest.approx(metrics(tmp_path / "b", "train/loss"), abs=1e-6)
-
-
-GOOD = {"prompt": "how do i make tea ?", "response": "sure . first kettle ."}
-
-
-@pytest.mark.parametrize("rows,msg", [
-    ([GOOD, {"prompt": "x"}], "row 2: missing field 'response'"),
-    ([GOOD, {"prompt": "x", "response": 3}], "row 2: field 'response' must be str"),
-    ([GOOD, {"prompt": "", "response": "y"}], "row 2: field 'prompt' is empty"),
-    ([], "file is empty"),
-])
-def test_bad_data_fails_cleanly(tmp_path, rows, msg):
-    data = tmp_path / "bad.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out"
-    p = run("sft.py", "--train_data", data, "--output_dir", out, *FAST, check=False)
-    assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and str(data) in last and msg in last, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
-    assert not out.exists()
-
-
-def test_missing_paths_fail_cleanly(tmp_path):
-    p = run("sft.py", "--train_data", tmp_path / "nope.jsonl", "--output_dir", tmp_path / "o", *FAST, check=False)
-    assert p.returncode != 0 and "does not exist" in p.stderr and not (tmp_path / "o").exists()
-    p = run("sft.py", "--model_name_or_path", tmp_path / "no_model", "--output_dir", tmp_path / "o", *FAST, check=False)
-    assert p.returncode != 0 and "no_model does not exist" in p.stderr and not (tmp_path / "o").exists()
 
 
 def test_real_rows_validate_tokenise_and_batch():
