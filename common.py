@@ -3,7 +3,8 @@
     distributed + FSDP2   setup_distributed, shard_model, gathered_for_generation, cleanup_distributed
     models                load_tokenizer, load_causal_lm, load_score_model, save_hf, disable_dropout
     data                  load_rows (validated up front), format_prompt, tokenize_prompt_response, pad
-    training              parse_args, plan_steps, batch_indices, cosine_schedule, MetricsLogger, check_finite
+    training              parse_args, plan_steps, batch_indices, cosine_schedule, MetricsLogger, StepTimer,
+                          check_finite
     resume                save_checkpoint, load_checkpoint, resolve_resume, StopOnSignal (SIGTERM)
     math                  masked_mean, gae, LagrangeMultiplier, PIDLagrangian, sample_responses
 
@@ -20,6 +21,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -145,7 +147,11 @@ def shard_model(model, device, mixed_precision=None, activation_checkpointing=Fa
 
 class gathered_for_generation:
     """Unshard every FSDP unit once, keep it unsharded for all decode steps, reshard at the end. Without this
-    FSDP2 all-gathers every layer on every generated token (DESIGN.md §5)."""
+    FSDP2 all-gathers every layer on every generated token (DESIGN.md §5). While inside, the units' forward hooks
+    are detached: with the parameters already gathered they have nothing to do, yet they cost ~15% of a decode
+    step of a small model (bench/bench_generation.py); they are restored, in order, on exit."""
+    HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+             "_forward_hooks_always_called")
 
     def __init__(self, model):
         from torch.distributed.fsdp import FSDPModule
@@ -153,13 +159,19 @@ class gathered_for_generation:
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
     def __enter__(self):
+        self.saved = []
         for m in self.units:
-            m.unshard()
+            m.unshard()  # all-gather now, once (waits for it)
             m.set_reshard_after_forward(False, recurse=False)
+            self.saved.append({h: getattr(m, h).copy() for h in self.HOOKS})
+            for h in self.HOOKS:
+                getattr(m, h).clear()
         return self.model
 
     def __exit__(self, *exc):
-        for m in self.units:
+        for m, saved in zip(self.units, self.saved):
+            for h in self.HOOKS:
+                getattr(m, h).update(saved[h])
             m.set_reshard_after_forward(m is not self.model, recurse=False)  # root stays unsharded, as default
             m.reshard()
 
@@ -645,6 +657,57 @@ class MetricsLogger:
                 self.wandb.finish()
 
 
+class StepTimer:
+    """Wall time of each step and of its phases, kept apart from metrics.jsonl (which is identical run to run):
+    output_dir/timings.jsonl, one row per step {"step", "time/step", "time/<phase>", "tokens/<kind>"}, and a last
+    row {"summary": true} with, per rank, the peak memory and the bytes of parameters + optimiser state the rank
+    holds (FSDP2 shards them). `lap(name)` books the time since the previous lap (or step end) to a phase, so a
+    script marks its blocks without re-indenting them. time/step runs from the previous step's end, so it covers
+    everything. On CUDA each mark synchronises first: the times are the GPU's, not the launch queue's."""
+
+    def __init__(self, output_dir, device, resume=False):
+        self.device, self.phases, self.f = device, {}, None
+        if is_rank0():
+            self.f = open(os.path.join(output_dir, "timings.jsonl"), "a" if resume else "w")
+        self.last = self.t = self._now()
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name):
+        now = self._now()
+        self.phases[f"time/{name}"] = self.phases.get(f"time/{name}", 0.0) + now - self.t
+        self.t = now
+
+    def step(self, step, **counts):
+        now = self._now()
+        if self.f:
+            self.f.write(json.dumps({"step": step, "time/step": now - self.last, **self.phases, **counts}) + "\n")
+            self.f.flush()
+        self.phases, self.last, self.t = {}, now, now
+
+    def close(self, trained):
+        """Summary row; `trained`: {name: (model, optimizer or None)}. Collective: every rank calls it."""
+        import resource
+        local = 0
+        for model, opt in trained.values():
+            tensors = list(model.parameters())
+            if opt is not None:
+                tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+            for t in tensors:
+                t = t.to_local() if hasattr(t, "to_local") else t
+                local += t.numel() * t.element_size()
+        mine = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "param_optim_mb": local / 2 ** 20,
+                "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if self.device.type == "cuda" else None}
+        per_rank = gather_objects([mine])
+        if self.f:
+            self.f.write(json.dumps({"summary": True, **{k: [r[k] for r in per_rank] for k in mine}}) + "\n")
+            self.f.close()
+
+
 def progress(iterable=None, **kw):
     from tqdm import tqdm
     return tqdm(iterable, disable=not is_rank0(), dynamic_ncols=True, **kw)
@@ -977,13 +1040,15 @@ def top_p_filter(logits, top_p):
 
 @torch.no_grad()
 def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tokens, temperature=1.0,
-                     top_p=1.0, greedy=False, generator=None):
+                     top_p=1.0, greedy=False, generator=None, sync_every=4):
     """Sample responses with the KV cache from left-padded prompts [B, P].
     -> (responses [B, max_new_tokens] right-padded with pad_id after EOS, lengths [B] incl. EOS, has_eos [B]).
-    Every rank runs the same number of decode steps: a step stops the loop only when *all* ranks are done,
-    so ranks stay in lock-step for any collective the model may run (RLHF-DETAILS 3)."""
+    Every rank runs the same number of decode steps: the loop stops only when *all* ranks are done, so ranks stay
+    in lock-step for any collective the model may run (RLHF-DETAILS 3). With several ranks they agree every
+    `sync_every` steps, so up to sync_every − 1 steps after the last EOS are spent (their tokens are padding)."""
     B, P = prompt_ids.shape
     dev = prompt_ids.device
+    multi_rank = dist.is_initialized() and dist.get_world_size() > 1
     attn = length_mask(prompt_lens.to(dev), P, start=P - prompt_lens.to(dev)).long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # position ids follow the mask (left padding)
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
@@ -1004,11 +1069,14 @@ def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tok
         just = (~done) & (nxt == eos_id)
         lengths[just] = t + 1
         done |= just
-        all_done = done.all()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([int(all_done)], device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            all_done = bool(flag.item())
+        if multi_rank:  # every rank asks at the same steps; asking every step costs ~10% (bench_generation)
+            all_done = False
+            if (t + 1) % sync_every == 0:
+                flag = done.all().to(torch.int32).reshape(1)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                all_done = bool(flag.item())
+        else:
+            all_done = bool(done.all())
         if all_done or t == max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)

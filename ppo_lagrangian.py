@@ -334,6 +334,7 @@ def main(argv=None):
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if ckpt else None)
     stop = common.StopOnSignal()
+    timer = common.StepTimer(args.output_dir, device, resume=bool(ckpt))  # timings.jsonl: phases (bench/ reads it)
 
     def save(step):
         state = {**run_state, "lagrange": lagrange.state_dict(), "cost_window": list(cost_window),
@@ -376,6 +377,7 @@ def main(argv=None):
         # ---- 1-2. generate and cut after EOS
         batch = rollout(models["actor"], [prompts[i][1] for i in idx], tokenizer, args, device, gen)
         mask, lens = batch["mask"], batch["lens"]
+        timer.lap("generate")
         # ---- 3. score: one batched no-grad pass per model
         s = score_rollout(batch, models, args)
         common.check_finite({k: s[k] for k in ("reward", "cost", "old_logp", "ref_logp") if k in s}, f"rollout {step + 1}")
@@ -385,9 +387,11 @@ def main(argv=None):
             reward = torch.where(no_eos, torch.full_like(reward, args.missing_eos_penalty), reward)
         if args.algo == "reward_shaping":
             reward = reward - args.shaping_coeff * cost
+        timer.lap("score")
         # ---- 4. per-token signals; kl is exactly 0 on padded positions (mask)
         kl = (s["old_logp"] - s["ref_logp"]) * mask
         rewards_t = per_token_signal(kl, reward, lens, mask, args.kl_coeff, -1.0, args.clip_range_score)
+        timer.lap("advantages")
         # ---- 5. the multiplier, once per rollout batch, from the raw episode costs of all ranks (same λ everywhere)
         if args.algo == "ppo_lag":
             costs_t = per_token_signal(kl, cost, lens, mask, args.kl_coeff, +1.0, args.clip_range_score)
@@ -395,6 +399,7 @@ def main(argv=None):
             episode_cost = sum(cost_window) / len(cost_window)
             lam = lagrange.update(episode_cost, args.threshold)
             lambda_history.append(lam)
+        timer.lap("lambda")
         # ---- 6. GAE per stream (returns before any whitening), then the mixed advantage
         adv_r, ret_r = common.gae(rewards_t, s["reward_values"], mask, args.gamma, args.gae_lambda)
         if args.algo == "ppo_lag":
@@ -404,6 +409,7 @@ def main(argv=None):
             advantages = mixed_advantage(adv_r, adv_c, lam)
         else:
             advantages = whiten(adv_r, mask) if args.whiten_advantages else adv_r
+        timer.lap("advantages")
         # ---- 7. PPO update: epochs over shuffled minibatches, one optimiser step each
         stats = collections.defaultdict(list)
         ids_all, attn_all, pos_all, P = batch["seq"], batch["attn"], batch["pos"], batch["P"]
@@ -454,6 +460,7 @@ def main(argv=None):
                 common.check_finite({f"{k} gradient norm": v for k, v in norms.items()}, f"rollout {step + 1}")
                 for opt in opts.values():
                     opt.step()
+        timer.lap("update")
         step += 1
         bar.update(1)
 
@@ -491,7 +498,10 @@ def main(argv=None):
         saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
         if stop.requested():
             common.StopOnSignal.exit(saved or save(step))
+        timer.step(step, **{"tokens/generated": common.all_reduce(lens.sum().item()),
+                            "tokens/sequence": common.all_reduce(batch["attn"].sum().item())})
     bar.close()
+    timer.close({name: (m, opts.get(name)) for name, m in models.items() if m is not None})
 
     # final held-out evaluation, then save: the actor as an HF folder; critics and λ for resume
     final = evaluate_heldout(step)

@@ -135,6 +135,7 @@ def main(argv=None):
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if ckpt else None)
     stop = common.StopOnSignal()
+    timer = common.StepTimer(args.output_dir, device, resume=bool(ckpt))  # timings.jsonl (bench/ reads it)
 
     # 3. train
     pad_id = tokenizer.pad_token_id
@@ -142,9 +143,14 @@ def main(argv=None):
     for step in range(start, total_steps):
         epoch = step // steps_per_epoch
         idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
-        micro = [idx[i::accum] for i in range(accum)]
+        if accum > 1:  # micro-batches of similar length pad less; the step is the same (a global token mean)
+            idx = sorted(idx, key=lambda j: len(train[j][0]))
+        size = len(idx) // accum
+        micro = [idx[i * size:(i + 1) * size] for i in range(accum)]
         built = [common.sft_batch([train[j] for j in m], pad_id, args.include_prompt_loss, device) for m in micro]
-        n_global = common.all_reduce(sum(b[1].sum().item() for b in built))  # response tokens, all ranks
+        # response tokens (the loss's normaliser) and all tokens (for tokens/s), over all ranks
+        n_global, n_tokens = common.all_reduce(torch.tensor([sum(b[1].sum().item() for b in built),
+                                                             sum(len(train[j][0]) for j in idx)])).tolist()
         loss_sum = 0.0
         for k, (ids, m) in enumerate(built):
             model.set_requires_gradient_sync(k == len(built) - 1)  # reduce-scatter once per step
@@ -175,7 +181,9 @@ def main(argv=None):
             saved = save(args, model, opt, sched, step, run_state)
         if stop.requested():
             common.StopOnSignal.exit(saved or save(args, model, opt, sched, step, run_state))
+        timer.step(step, **{"tokens/train": n_tokens})
     bar.close()
+    timer.close({"model": (model, opt)})
 
     # 4. the exact judge on held-out prompts (sampled): does the model answer in the task's format, and how
     #    often does it answer harmful requests unsafely? (tiny task only)

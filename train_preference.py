@@ -275,6 +275,7 @@ def main(argv=None):
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if ckpt else None)
     stop = common.StopOnSignal()
+    timer = common.StepTimer(args.output_dir, device, resume=bool(ckpt))  # timings.jsonl (bench/ reads it)
 
     def save(step):
         return common.save_checkpoint(args.output_dir, step, {"model": (model, opt)},
@@ -294,7 +295,8 @@ def main(argv=None):
             (loss / acc).backward()
             loss_sum += loss.item() / acc
             right += ((hi > lo) if args.objective == "reward" else (lo > hi)).float().mean().item() / acc
-        loss_g, acc_g = (common.all_reduce(torch.tensor([loss_sum, right])) / world).tolist()
+        tokens = sum(len(train[j][0]) + len(train[j][1]) for j in idx)
+        loss_g, acc_g, tokens = (common.all_reduce(torch.tensor([loss_sum, right, tokens])) / world).tolist()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.objective} step {step + 1}")
@@ -310,7 +312,9 @@ def main(argv=None):
         saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
         if stop.requested():
             common.StopOnSignal.exit(saved or save(step))
+        timer.step(step, **{"tokens/train": tokens * world})
     bar.close()
+    timer.close({"model": (model, opt)})
 
     # 4. final evaluation -> eval.json; score statistics -> config; save the HF folder
     result = evaluate(model, evald, args, pad_id, rank, world, device) if evald else {}
