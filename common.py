@@ -125,23 +125,30 @@ def decoder_layers(model):
     return layers
 
 
-def shard_model(model, device, mixed_precision=None, activation_checkpointing=False):
+def shard_model(model, device, mixed_precision=None, activation_checkpointing=False, compile=False, offload=False):
     """FSDP2: fully_shard each decoder block, then the root (torchtitan's recipe). bf16 params with fp32
-    gradient reduction on CUDA; full fp32 on CPU. Frozen models are sharded the same way."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    gradient reduction on CUDA; full fp32 on CPU. Frozen models are sharded the same way.
+    compile: torch.compile each block before sharding (torchtitan's order: FSDP's hooks stay outside the compiled
+    graph); dynamic shapes, since batches and rollouts vary in length. offload: FSDP2 CPUOffloadPolicy, the shards
+    live in (pinned) CPU memory and are copied to the GPU only for the all-gather of a forward, so a frozen model
+    costs no GPU memory between uses."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    model.to(device)
+    off = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
+    model.to("cpu" if offload else device)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         if activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             layer = checkpoint_wrapper(layer)
-            layers[i] = layer
-        fully_shard(layer, mesh=_MESH, mp_policy=mp)
-    fully_shard(model, mesh=_MESH, mp_policy=mp)
+        if compile:
+            layer = torch.compile(layer, dynamic=True)
+        layers[i] = layer
+        fully_shard(layer, mesh=_MESH, mp_policy=mp, offload_policy=off)
+    fully_shard(model, mesh=_MESH, mp_policy=mp, offload_policy=off)
     return model
 
 
@@ -588,6 +595,17 @@ def lm_nll(model, ids, tgt_mask):
 
 
 # ----------------------------------------------------------------------------- training helpers
+def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
+    """AdamW with betas (0.9, 0.95) as safe-rlhf (RLHF-DETAILS 18); weight decay on matrices only (not on norms and
+    biases). FSDP2 parameters are DTensors, for which torch falls back to a per-tensor Python loop; the foreach
+    (CPU) or fused (CUDA) kernels update all shards at once: −30% time per SFT step of the tiny model (bench/)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fast = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, **fast)
+
+
 def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
     """Linear warmup then cosine decay to min_ratio × lr."""
     def f(step):

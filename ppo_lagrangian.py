@@ -92,6 +92,8 @@ class Args:
     seed: int = 42
     bf16: bool = True
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the decoder blocks of the trained models (actor, critics)
+    offload_frozen: bool = False  # keep the frozen models (reference, reward, cost) in CPU memory between uses
     log_every: int = 1
     eval_every: int = 20  # steps between held-out evaluations (0: only at the end)
     eval_samples_per_prompt: int = 4
@@ -293,8 +295,9 @@ def main(argv=None):
         m = common.disable_dropout(load(path, tokenizer, args.seed, args.trust_remote_code))
         m.config.use_cache = False
         m.requires_grad_(trainable)
-        return common.shard_model(m, device, mixed_precision=mp,
-                                  activation_checkpointing=args.activation_checkpointing and trainable)
+        return common.shard_model(m, device, mixed_precision=mp, activation_checkpointing=args.activation_checkpointing
+                                  and trainable, compile=args.compile and trainable,
+                                  offload=args.offload_frozen and not trainable)
 
     models = {"actor": build("lm", args.actor_model_name_or_path, True),
               "ref": build("lm", args.actor_model_name_or_path, False),
@@ -305,12 +308,10 @@ def main(argv=None):
     reward_std = getattr(models["reward"].config, "score_std", 1.0) if args.normalize_reward else 1.0
     cost_std = getattr(models["cost"].config, "score_std", 1.0) if args.normalize_cost and use_cost else 1.0
 
-    def adam(m, lr):  # betas (0.9, 0.95) as safe-rlhf (RLHF-DETAILS 18)
-        return torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-
-    opts = {"actor": adam(models["actor"], args.actor_lr), "reward_critic": adam(models["reward_critic"], args.critic_lr)}
+    opts = {"actor": common.adamw(models["actor"], args.actor_lr, args.weight_decay),  # betas (0.9, 0.95): RLHF-DETAILS 18
+            "reward_critic": common.adamw(models["reward_critic"], args.critic_lr, args.weight_decay)}
     if models["cost_critic"] is not None:
-        opts["cost_critic"] = adam(models["cost_critic"], args.critic_lr)
+        opts["cost_critic"] = common.adamw(models["cost_critic"], args.critic_lr, args.weight_decay)
     if args.lagrangian == "pid":
         lagrange = common.PIDLagrangian(args.lambda_init, args.pid_kp, args.pid_ki, args.pid_kd, args.lambda_max,
                                         args.lambda_update_delay_steps)

@@ -47,6 +47,7 @@ class Args:
     # --- systems
     bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (for CUDA; also runs on CPU, ~40 s to compile)
     # --- logging, evaluation, saving
     log_every: int = 10
     eval_every: int = 0  # steps between eval-loss passes (0: once per epoch)
@@ -121,11 +122,8 @@ def main(argv=None):
     model = common.load_causal_lm(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
     model.config.use_cache = False
     common.shard_model(model, device, mixed_precision=args.bf16 and device.type == "cuda",
-                       activation_checkpointing=args.activation_checkpointing)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate, betas=(0.9, 0.95))
+                       activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+    opt = common.adamw(model, args.learning_rate, args.weight_decay)
     sched = common.cosine_schedule(opt, int(args.warmup_ratio * total_steps), total_steps)
     start = 0
     if ckpt:  # weights, optimiser, schedule, RNG; the data position is a function of the step

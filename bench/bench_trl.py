@@ -41,7 +41,7 @@ class StepTimes:
 def common_trainer_args(out, steps, lr):
     import torch
     cuda = torch.cuda.is_available()
-    return dict(output_dir=out, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_ratio=0.03,
+    return dict(output_dir=out, max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=1,
                 logging_steps=10_000, save_strategy="no", report_to=[], seed=42, use_cpu=not cuda, bf16=cuda,
                 dataloader_num_workers=0, adam_beta2=0.95, max_grad_norm=1.0, disable_tqdm=True)
 
@@ -97,8 +97,10 @@ def trl_ppo(policy, score, steps, prompts_per_step, minibatch, length):
     t = StepTimes()
     args = common_trainer_args(os.path.join(_util.CACHE, "trl_ppo"), steps, 1e-4)
     args.pop("max_steps")
-    cfg = PPOConfig(**args, per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
-                    num_mini_batches=prompts_per_step // minibatch, local_rollout_forward_batch_size=prompts_per_step,
+    # TRL 1.12: rollout batch = per_device_train_batch_size x gradient_accumulation_steps, split into
+    # num_mini_batches optimiser steps; here one rollout of `prompts_per_step`, one optimiser step, as ours below
+    cfg = PPOConfig(**args, per_device_train_batch_size=minibatch, gradient_accumulation_steps=prompts_per_step // minibatch,
+                    num_mini_batches=1, local_rollout_forward_batch_size=prompts_per_step,
                     num_ppo_epochs=1, response_length=length, total_episodes=prompts_per_step * steps, kl_coef=0.05,
                     temperature=1.0, stop_token="eos", num_sample_generations=0, cliprange=0.2, cliprange_value=5.0,
                     gamma=1.0, lam=0.95)
@@ -139,13 +141,13 @@ def main():
                    lambda: ours("train_preference.py", ["--model_name_or_path", policy, "--eval_data", "",
                                                         "--score_stats_rows", 16, "--max_steps", args.steps,
                                                         "--per_device_train_batch_size", 16, "--output_dir", f"{out}/rm"])),
-        "ppo": (lambda: trl_ppo(policy, score, args.ppo_steps, 32, 16, args.response_length),
+        "ppo": (lambda: trl_ppo(policy, score, args.ppo_steps, 32, 32, args.response_length),
                 lambda: ours("ppo_lagrangian.py", ["--algo", "ppo", "--actor_model_name_or_path", policy,
                                                    "--reward_model_name_or_path", score, "--eval_prompt_data", "",
                                                    "--judge", "", "--eval_every", 0, "--max_steps", args.ppo_steps,
                                                    "--max_new_tokens", args.response_length,
                                                    "--per_device_prompt_batch_size", 32,
-                                                   "--per_device_train_batch_size", 16, "--output_dir", f"{out}/ppo"])),
+                                                   "--per_device_train_batch_size", 32, "--output_dir", f"{out}/ppo"])),
     }
     rows = []
     for name in args.only.split(","):

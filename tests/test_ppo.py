@@ -129,3 +129,16 @@ def test_reward_shaping_runs_and_shapes(pipeline, tmp_path):
     assert "train/cost_critic_loss" not in rows[0]
     for r in rows:  # the reward stream carried R − ν·C
         assert r["train/shaped_reward"] == pytest.approx(r["train/reward"] - 2.0 * r["train/cost"], abs=1e-4)
+
+
+def test_offloaded_frozen_models_train_the_same(pipeline, tmp_path):
+    """--offload_frozen (FSDP2 CPUOffloadPolicy for the reference, reward and cost models) changes where their shards
+    live, not a single number of the run."""
+    from conftest import main_inprocess
+    args = [*pipeline["models"], "--max_steps", 2, "--eval_every", 0, "--eval_prompt_data", "",
+            "--per_device_prompt_batch_size", 8, "--per_device_train_batch_size", 8, "--save_model", "False"]
+    for name, extra in (("plain", []), ("offload", ["--offload_frozen"])):
+        code, _, err = main_inprocess("ppo_lagrangian.py", *args, *extra, "--output_dir", tmp_path / name)
+        assert code == 0, err[-2000:]
+    assert metrics(tmp_path / "plain") == metrics(tmp_path / "offload")
+    assert len(metrics(tmp_path / "plain", "train/lambda")) == 2
