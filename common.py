@@ -1056,6 +1056,15 @@ def top_p_filter(logits, top_p):
     return logits.scatter(-1, idx, sorted_logits)
 
 
+def _static_cache(model, length):
+    """HF's StaticCache for `length` positions, or None (HF's default dynamic cache) for a model family without one."""
+    from transformers import StaticCache
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except (TypeError, ValueError, NotImplementedError, AttributeError):
+        return None
+
+
 @torch.no_grad()
 def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tokens, temperature=1.0,
                      top_p=1.0, greedy=False, generator=None, sync_every=4):
@@ -1067,9 +1076,13 @@ def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tok
     B, P = prompt_ids.shape
     dev = prompt_ids.device
     multi_rank = dist.is_initialized() and dist.get_world_size() > 1
-    attn = length_mask(prompt_lens.to(dev), P, start=P - prompt_lens.to(dev)).long()
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # position ids follow the mask (left padding)
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    prompt_mask = length_mask(prompt_lens.to(dev), P, start=P - prompt_lens.to(dev)).long()
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # position ids follow the mask (left padding)
+    # the mask of the whole rollout, sliced each step; a static KV cache of the same length: no per-token
+    # concatenation of every layer's keys and values (−15% decode time for a small model, bench_generation.py)
+    full_mask = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], 1)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                cache=_static_cache(model, P + max_new_tokens))
     cache, next_pos = out.cache, pos[:, -1:] + 1
     logits = out.logits[:, -1].float()
     check_finite({"policy logits": logits}, "generation")  # multinomial would fail deep inside torch otherwise
@@ -1097,9 +1110,8 @@ def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tok
             all_done = bool(done.all())
         if all_done or t == max_new_tokens - 1:
             break
-        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
-                    use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :P + t + 1], position_ids=next_pos,
+                    cache=cache, use_cache=True)
         cache, next_pos, logits = out.cache, next_pos + 1, out.logits[:, -1].float()
     has_eos = done.clone()
     return tokens, lengths, has_eos

@@ -46,6 +46,16 @@ def start(script, *args, nproc=1, env=None):
     return p
 
 
+def run_parallel(*jobs, timeout=TIMEOUT):
+    """Run independent 1-rank jobs [(script, *args), ...] at the same time, one thread each (the fixtures' reward
+    and cost models, PPO and PPO-Lagrangian): on 2 cores this is ~1.6x faster than one after the other."""
+    procs = [start(script, *args, env={"OMP_NUM_THREADS": "1"}) for script, *args in jobs]
+    for p, (script, *args) in zip(procs, jobs):
+        code = p.wait(timeout=timeout)
+        if code != 0:
+            raise AssertionError(f"{script} {args} failed ({code}):\n{output_of(p)[-5000:]}")
+
+
 def output_of(p):
     p.log.seek(0)
     return p.log.read()
@@ -95,6 +105,6 @@ def sft_model(tmp_path_factory):
 def score_models(sft_model, tmp_path_factory):
     sft, _ = sft_model
     base = tmp_path_factory.mktemp("score")
-    run("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--output_dir", base / "reward")
-    run("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--output_dir", base / "cost")
+    run_parallel(("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--output_dir", base / "reward"),
+                 ("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--output_dir", base / "cost"))
     return str(base / "reward"), str(base / "cost")

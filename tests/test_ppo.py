@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import metrics, run
+from conftest import metrics, run, run_parallel
 from ppo_lagrangian import actor_loss, critic_loss, mixed_advantage, per_token_signal, sequence_inputs
 
 
@@ -55,8 +55,8 @@ def pipeline(sft_model, score_models, tmp_path_factory):
     rm, cm = score_models
     base = tmp_path_factory.mktemp("rl")
     models = ["--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
-    run("ppo_lagrangian.py", "--algo", "ppo", *models, "--output_dir", base / "ppo")
-    run("ppo_lagrangian.py", "--algo", "ppo_lag", *models, "--output_dir", base / "ppo_lag")
+    run_parallel(("ppo_lagrangian.py", "--algo", "ppo", *models, "--output_dir", base / "ppo"),
+                 ("ppo_lagrangian.py", "--algo", "ppo_lag", *models, "--output_dir", base / "ppo_lag"))
     return {"sft": sft, "reward": rm, "cost": cm, "ppo": str(base / "ppo"),
             "ppo_lag": str(base / "ppo_lag"), "models": models}
 
