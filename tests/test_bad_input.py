@@ -72,6 +72,8 @@ CASES = {
     "sft finished output": ("sft.py", finished_run, "already holds a finished run"),
     "sft unfinished output": ("sft.py", unfinished_run, "holds resume checkpoints of an unfinished run"),
     "sft resume from nothing": ("sft.py", lambda t: ["--resume", t], "not a checkpoint folder"),
+    "reward finished output": ("train_preference.py", finished_run, "already holds a finished run"),
+    "ppo finished output": ("ppo_lagrangian.py", finished_run, "already holds a finished run"),
     "reward id not 0/1": ("train_preference.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [PAIR, {**PAIR, "better_response_id": 2}])],
                           "p.jsonl: row 2: field 'better_response_id' must be 0 or 1, got 2"),
     "reward identical responses": ("train_preference.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [{**PAIR, "response_1": PAIR["response_0"]}])],
@@ -103,7 +105,7 @@ def test_bad_input_is_one_clear_line(tmp_path, case):
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     assert code == 1 and last.startswith("error:") and msg in last, (code, stderr[-2000:])
     assert "Traceback" not in stderr
-    if case not in ("sft finished output", "sft unfinished output"):
+    if "finished output" not in case:
         assert not out.exists()  # nothing was written
     else:
         assert not (out / "metrics.jsonl").exists()  # the earlier run is untouched

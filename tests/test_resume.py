@@ -128,6 +128,23 @@ def test_two_rank_run_is_deterministic_and_resumes_on_one_rank(tmp_path):
     same_weights(a, c, atol=1e-4)
 
 
+def test_preference_resume_from_a_mid_run_checkpoint_is_bitwise_identical(tmp_path):
+    """train_preference.py (cost objective, the one with more state in its loss): a run continued from its step-3
+    checkpoint in a fresh folder ends exactly where the uninterrupted run ends."""
+    args = ["--objective", "cost", "--model_name_or_path", "assets/tiny-llama", "--max_steps", 6, "--save_every", 3,
+            "--eval_data", "", "--log_every", 1, "--per_device_train_batch_size", 8]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main_inprocess("train_preference.py", *args, "--output_dir", a)[0] == 0
+    b.mkdir()
+    with open(b / "metrics.jsonl", "w") as f:  # what the interrupted run had logged up to its checkpoint
+        f.writelines(l for l in open(a / "metrics.jsonl") if json.loads(l)["step"] <= 3)
+    code, out, err = main_inprocess("train_preference.py", *args, "--output_dir", b, "--resume",
+                                    a / "checkpoints" / "step-00000003")
+    assert code == 0 and "continuing from" in out, err[-2000:]
+    same_weights(a, b)
+    assert open(a / "metrics.jsonl").read() == open(b / "metrics.jsonl").read()
+
+
 def test_nan_stops_before_the_checkpoint_and_the_last_good_one_resumes(tmp_path, monkeypatch):
     out = str(tmp_path / "sft")
     args = ["--output_dir", out, "--max_steps", 8, "--save_every", 2, "--judge", "", "--eval_data", "", "--log_every", 1]
