@@ -87,11 +87,6 @@ def evaluate_loss(model, data, args, pad_id, rank, world, device):
     return tot / max(n, 1)
 
 
-def save(args, model, opt, sched, step, run_state):
-    return common.save_checkpoint(args.output_dir, step, {"model": (model, opt)},
-                                  {**run_state, "scheduler": sched.state_dict()}, keep_last=args.keep_last)
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.setup_distributed()
@@ -135,6 +130,10 @@ def main(argv=None):
     stop = common.StopOnSignal()
     timer = common.StepTimer(args.output_dir, device, resume=bool(ckpt))  # timings.jsonl (bench/ reads it)
 
+    def save(step):  # a resume checkpoint: model, optimiser, schedule, RNG of every rank (README "Resuming")
+        return common.save_checkpoint(args.output_dir, step, {"model": (model, opt)},
+                                      {**run_state, "scheduler": sched.state_dict()}, keep_last=args.keep_last)
+
     # 3. train
     pad_id = tokenizer.pad_token_id
     bar = common.progress(total=total_steps, initial=start, desc="sft")
@@ -176,9 +175,9 @@ def main(argv=None):
         # a resume checkpoint after everything of this step is logged (never at the end: the HF folder is saved)
         saved = None
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            saved = save(args, model, opt, sched, step, run_state)
+            saved = save(step)
         if stop.requested():
-            common.StopOnSignal.exit(saved or save(args, model, opt, sched, step, run_state))
+            common.StopOnSignal.exit(saved or save(step))
         timer.step(step, **{"tokens/train": n_tokens})
     bar.close()
     timer.close({"model": (model, opt)})
