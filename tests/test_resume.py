@@ -249,3 +249,25 @@ def test_every_torch_load_is_weights_only():
             for call in re.findall(r"torch\.load\([^)]*\)", src):
                 assert "weights_only=True" in call, (name, call)
             assert "pickle.load(" not in src and "pickle.loads(" not in src, name
+
+
+def test_ppo_lagrangian_checkpoint_of_two_ranks_resumes_on_one(score_models, sft_model, tmp_path):
+    """PPO-Lagrangian on 2 ranks, resumed on 1 with the same rollout batch: weights, optimisers, λ state and the
+    cost window carry over exactly; the sampling streams are reseeded (and the log says so)."""
+    reward, cost = score_models
+    args = ["--actor_model_name_or_path", sft_model[0], "--reward_model_name_or_path", reward,
+            "--cost_model_name_or_path", cost, "--max_steps", 4, "--save_every", 2, "--eval_every", 0,
+            "--eval_prompt_data", "", "--judge", "", "--rollout_batch_size", 16, "--per_device_train_batch_size", 8,
+            "--save_model", "False"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    run("ppo_lagrangian.py", "--output_dir", two, *args, nproc=2)
+    ck = two / "checkpoints" / "step-00000002"
+    state = json.load(open(ck / "trainer_state.json"))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and len(state["cost_window"]) == 32
+    code, out, err = main_inprocess("ppo_lagrangian.py", "--output_dir", one, *args, "--resume", ck)
+    assert code == 0, err[-2000:]
+    assert "resuming on 1" in out and "random streams are reseeded" in out
+    lam = json.load(open(one / "lambda.json"))
+    assert lam["per_rank_history"][0][:2] == state["lambda_history"][0]  # the history continues from rank 0's
+    assert len(lam["per_rank_history"][0]) == 4 and len(lam["episode_cost_window"]) == 64
+    assert [r["step"] for r in metrics(one) if "train/lambda" in r] == [3, 4]
