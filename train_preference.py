@@ -285,10 +285,12 @@ def main(argv=None):
     for step in range(start, total):
         epoch = step // steps_per_epoch
         idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
-        loss_sum, right = 0.0, 0.0
+        if acc > 1:  # micro-batches of similar length pad less; each holds the same number of pairs: same step
+            idx = sorted(idx, key=lambda j: max(len(train[j][0]), len(train[j][1])))
+        size, loss_sum, right = len(idx) // acc, 0.0, 0.0
         for k in range(acc):
             model.set_requires_gradient_sync(k == acc - 1)
-            batch = make_batch([train[j] for j in idx[k::acc]], pad_id, device)
+            batch = make_batch([train[j] for j in idx[k * size:(k + 1) * size]], pad_id, device)
             loss, hi, lo = batch_loss(model, batch, args)
             (loss / acc).backward()
             loss_sum += loss.item() / acc
