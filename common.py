@@ -493,12 +493,13 @@ def tokenize_prompt(tokenizer, prompt, chat_template=False):
     return tokenizer(format_prompt(prompt, tokenizer, chat_template), add_special_tokens=not chat_template)["input_ids"]
 
 
-def tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_template=False, truncate_prompt=False):
+def tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_template=False, truncate_prompt=False,
+                             prompt_ids=None):
     """-> (ids, prompt_len, truncated) or None when the prompt alone leaves no room for a response (or, with
     truncate_prompt, the prompt keeps its last max_length // 2 tokens, which hold the template's end).
     The response follows the template directly (leading space) and ends with EOS; the two parts are
-    tokenised separately so the prompt length is exact."""
-    p = tokenize_prompt(tokenizer, prompt, chat_template)
+    tokenised separately so the prompt length is exact. `prompt_ids`: the prompt already tokenised."""
+    p = tokenize_prompt(tokenizer, prompt, chat_template) if prompt_ids is None else prompt_ids
     r = tokenizer(" " + response.strip() if not chat_template else response.strip(),
                   add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(p) >= max_length:
@@ -563,8 +564,9 @@ def tokenize_sft_rows(rows, tokenizer, max_length, chat_template, source, trunca
     """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped (or cut)."""
     out, truncated, long_prompts = [], 0, 0
     for r in rows:
-        long_prompts += len(tokenize_prompt(tokenizer, r["prompt"], chat_template)) >= max_length
-        t = tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template, truncate_prompts)
+        p = tokenize_prompt(tokenizer, r["prompt"], chat_template)
+        long_prompts += len(p) >= max_length
+        t = tokenize_prompt_response(tokenizer, r["prompt"], r["response"], max_length, chat_template, truncate_prompts, p)
         if t is not None:
             out.append(t[:2])
             truncated += t[2]
@@ -742,11 +744,13 @@ def load_judge(name):
         raise UserError(f"unknown judge {name!r} (expected a module in data/, e.g. tiny_safety)") from None
 
 
-def check_finite(values, where):
+def check_finite(values, where, same_on_all_ranks=False):
     """Stop the run (on every rank alike) when any of `values` (name -> number or tensor) is NaN or inf on any rank,
-    before the step is applied: nothing non-finite reaches a checkpoint, and the last good one stays intact."""
+    before the step is applied: nothing non-finite reaches a checkpoint, and the last good one stays intact.
+    same_on_all_ranks: the values are already global (an all-reduced loss, a clipped FSDP gradient norm), so every
+    rank decides alike without another collective in the training step."""
     bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all())]
-    if all_reduce(float(bool(bad)), "max") > 0:
+    if (bool(bad) if same_on_all_ranks else all_reduce(float(bool(bad)), "max") > 0):
         raise UserError(f"non-finite {', '.join(bad) or 'value on another rank'} at {where}: stopping before the "
                         f"update; the newest checkpoint in {CHECKPOINTS}/ (if any) is the last good state")
 
@@ -864,15 +868,13 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _safe_reader(path):
+def _safe_reader(path, md):
+    """A DCP reader that hands DCP the metadata `md` we unpickled safely, instead of pickle.load-ing the file."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *a, **k):  # tensors themselves are read with torch.load(weights_only=True) by DCP
-            source = os.path.join(path, ".metadata")
-            with open(source, "rb") as f:
-                md = _MetadataUnpickler(f, source).load()
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
@@ -904,14 +906,14 @@ def load_checkpoint(path, models, generators=None):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
     state = checkpoint_state(path)
     source = os.path.join(path, ".metadata")
-    try:  # check the metadata here, where a refusal is one clear line (inside dcp.load it would be wrapped)
+    try:  # read the metadata here, where a refusal is one clear line (inside dcp.load it would be wrapped)
         with open(source, "rb") as f:
-            _MetadataUnpickler(f, source).load()
+            md = _MetadataUnpickler(f, source).load()
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise UserError(f"{source}: unreadable checkpoint metadata ({e})") from None
     sd = _model_states(models)
     try:
-        dcp.load(sd, storage_reader=_safe_reader(path))
+        dcp.load(sd, storage_reader=_safe_reader(path, md))
     except Exception as e:  # a checkpoint of another stage/model: DCP names the missing keys
         msg = str(e).strip().splitlines()
         raise UserError(f"{path}: does not match this run's models ({msg[-1][:300] if msg else type(e).__name__})") from None

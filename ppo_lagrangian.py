@@ -342,6 +342,8 @@ def main(argv=None):
                  "lambda_history": common.gather_objects([lambda_history])}
         return common.save_checkpoint(args.output_dir, step, trained, state, generators, keep_last=args.keep_last)
 
+    eval_ids = {p: common.tokenize_prompt(tokenizer, p, args.chat_template) for p in eval_prompts}  # tokenised once
+
     def evaluate_heldout(step):
         """Held-out prompts, sampled with a fixed seed: model-estimated reward/cost and the exact judge."""
         if not eval_prompts:
@@ -352,8 +354,7 @@ def main(argv=None):
         for i in range(0, int(common.all_reduce(len(mine), "max")), B):
             chunk = mine[i:i + B] or mine[:1]
             real = len(mine[i:i + B])
-            ids = [common.tokenize_prompt(tokenizer, p, args.chat_template) for p in chunk]
-            b = rollout(models["actor"], ids, tokenizer, args, device, g)
+            b = rollout(models["actor"], [eval_ids[p] for p in chunk], tokenizer, args, device, g)
             s = score_rollout(b, models, args, with_values=False)
             rewards += s["reward"][:real].tolist()
             costs += s["cost"][:real].tolist() if "cost" in s else []
@@ -458,7 +459,8 @@ def main(argv=None):
                     norms[name] = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()
                     stats[f"train/{name}_grad_norm"].append(norms[name])
                 # a NaN/inf anywhere (a loss gives NaN gradients) stops before any model is updated
-                common.check_finite({f"{k} gradient norm": v for k, v in norms.items()}, f"rollout {step + 1}")
+                common.check_finite({f"{k} gradient norm": v for k, v in norms.items()}, f"rollout {step + 1}",
+                                    same_on_all_ranks=True)  # clipped FSDP norms are global
                 for opt in opts.values():
                     opt.step()
         timer.lap("update")
@@ -499,8 +501,8 @@ def main(argv=None):
         saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
         if stop.requested():
             common.StopOnSignal.exit(saved or save(step))
-        timer.step(step, **{"tokens/generated": common.all_reduce(lens.sum().item()),
-                            "tokens/sequence": common.all_reduce(batch["attn"].sum().item())})
+        generated, sequence = common.all_reduce(torch.tensor([lens.sum().item(), batch["attn"].sum().item()])).tolist()
+        timer.step(step, **{"tokens/generated": generated, "tokens/sequence": sequence})
     bar.close()
     timer.close({name: (m, opts.get(name)) for name, m in models.items() if m is not None})
 

@@ -158,7 +158,7 @@ def main(argv=None):
         loss = common.all_reduce(loss_sum) / n_global
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        common.check_finite({"loss": loss, "gradient norm": gnorm}, f"sft step {step + 1}")
+        common.check_finite({"loss": loss, "gradient norm": gnorm}, f"sft step {step + 1}", same_on_all_ranks=True)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -122,10 +122,11 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
     out, truncated, dropped = [], 0, 0
     for r in rows:
         hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
+        p = common.tokenize_prompt(tokenizer, r["prompt"], chat_template)  # once for both responses
         a = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{hi}"], max_length, chat_template,
-                                            truncate_prompts)
+                                            truncate_prompts, p)
         b = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{1 - hi}"], max_length, chat_template,
-                                            truncate_prompts)
+                                            truncate_prompts, p)
         if a is None or b is None or a[0] == b[0]:  # identical after truncation: no signal
             dropped += 1
             continue
@@ -299,7 +300,8 @@ def main(argv=None):
         loss_g, acc_g, tokens = (common.all_reduce(torch.tensor([loss_sum, right, tokens])) / world).tolist()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.objective} step {step + 1}")
+        common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.objective} step {step + 1}",
+                            same_on_all_ranks=True)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)

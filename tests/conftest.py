@@ -10,6 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.path.join(ROOT, "..", "shared", "data", "real")
+TINY = os.path.join(ROOT, "assets", "tiny-llama")  # the bundled tiny model (a local folder, never the hub)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 TIMEOUT = 900  # generous: this machine can be many times slower for minutes

@@ -1,11 +1,13 @@
 """The shared math of common.py against hand-computed values, and data validation/tokenisation."""
 import json
 import math
+import os
 
 import pytest
 import torch
 
 import common
+from conftest import TINY
 
 
 def test_masked_mean_weighs_sequences_equally():
@@ -115,7 +117,7 @@ def test_bad_files(tmp_path):
 
 
 def test_tokenize_records_lengths_and_masks_ignore_pad_id():
-    tok = common.load_tokenizer("assets/tiny-llama")
+    tok = common.load_tokenizer(TINY)
     ids, plen, trunc = common.tokenize_prompt_response(tok, "how do i bake bread ?", "sure . first flour .", 64)
     assert ids[-1] == tok.eos_token_id and not trunc
     assert tok.decode(ids[:plen]) == "BEGINNING OF CONVERSATION: USER: how do i bake bread ? ASSISTANT:"
@@ -133,9 +135,9 @@ def test_tokenize_records_lengths_and_masks_ignore_pad_id():
 
 def test_missing_pad_token_is_added_distinct_from_eos(tmp_path):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained("assets/tiny-llama")
+    tok = AutoTokenizer.from_pretrained(TINY)
     tok.pad_token = None
     tok.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(open("assets/tiny-llama/config.json").read())
+    (tmp_path / "config.json").write_text(open(os.path.join(TINY, "config.json")).read())
     t = common.load_tokenizer(str(tmp_path))
     assert t.pad_token_id is not None and t.pad_token_id != t.eos_token_id

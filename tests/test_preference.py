@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from conftest import REAL, ROOT, metrics, run
+from conftest import REAL, ROOT, TINY, metrics, run
 
 FAST = ["--max_steps", 5, "--log_every", 1, "--eval_data", "", "--save_model", "False"]
 
@@ -125,7 +125,7 @@ def test_beaver_llama_for_score_checkpoint_loads(tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoConfig, LlamaModel
     torch.manual_seed(0)
-    cfg = AutoConfig.from_pretrained("assets/tiny-llama")
+    cfg = AutoConfig.from_pretrained(TINY)
     backbone = LlamaModel(cfg).eval()
     head = torch.randn(1, cfg.hidden_size) * 0.1
     sd = {f"model.{k}": v for k, v in backbone.state_dict().items()}
@@ -137,7 +137,7 @@ def test_beaver_llama_for_score_checkpoint_loads(tmp_path):
     d = cfg.to_dict()
     d.update(architectures=["LlamaForScore"], score_dim=1, bias=False, score_type="cost")
     (folder / "config.json").write_text(json.dumps(d))
-    tok = common.load_tokenizer("assets/tiny-llama")
+    tok = common.load_tokenizer(TINY)
     model = common.load_score_model(str(folder), tok).eval()
     ids = torch.tensor([common.tokenize_prompt_response(tok, "how do i pick a lock ?", "sorry , i can not help with that .", 64)[0]])
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from conftest import REAL, metrics, run
+from conftest import REAL, TINY, metrics, run
 
 FAST = ["--max_steps", 5, "--log_every", 1, "--judge", "", "--eval_data", "", "--save_model", "False"]
 
@@ -57,11 +57,11 @@ def test_in_memory_fsdp_model_equals_reloaded(tmp_path):
 
 def test_pad_equal_eos_trains_the_same(tmp_path):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained("assets/tiny-llama")
+    tok = AutoTokenizer.from_pretrained(TINY)
     tok.pad_token = tok.eos_token
     folder = tmp_path / "padeos"
     tok.save_pretrained(folder)
-    (folder / "config.json").write_text(open("assets/tiny-llama/config.json").read())
+    (folder / "config.json").write_text(open(os.path.join(TINY, "config.json")).read())
     run("sft.py", "--output_dir", tmp_path / "a", *FAST)
     run("sft.py", "--output_dir", tmp_path / "b", *FAST, "--model_name_or_path", folder)
     assert metrics(tmp_path / "a", "train/loss") == pytest.approx(metrics(tmp_path / "b", "train/loss"), abs=1e-6)
@@ -69,7 +69,7 @@ def test_pad_equal_eos_trains_the_same(tmp_path):
 
 def test_real_rows_validate_tokenise_and_batch():
     """Real PKU-SafeRLHF and HH-RLHF rows go through the same validation and tokenisation path."""
-    tok = common.load_tokenizer("assets/tiny-llama")
+    tok = common.load_tokenizer(TINY)
     pku = json.load(open(os.path.join(REAL, "pku_saferlhf_safe-vs-unsafe_5k.json")))[:64]
     rows = [{"prompt": r["prompt"], "response_0": r["response"][0], "response_1": r["response"][1],
              "is_response_0_safe": True, "is_response_1_safe": False, "safer_response_id": 0} for r in pku]
