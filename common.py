@@ -60,11 +60,50 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def parse_args(dataclass_type, argv=None):
-    """The stage's Args dataclass from the command line; an unknown flag is a one-line error, not a traceback."""
+def field_help(dataclass_type):
+    """{field: help text} from the trailing `# comment` of each field line of an Args dataclass: the comment a reader
+    sees in the source is what `--help` prints, so the two cannot drift apart."""
+    import inspect
+    import io
+    import tokenize
+    out, line_name = {}, {}
+    src = inspect.getsource(dataclass_type)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        row = tok.start[0]
+        if tok.type == tokenize.NAME and row not in line_name and tok.start[1] == 4:  # a field starts its line
+            line_name[row] = tok.string
+        elif tok.type == tokenize.COMMENT and row in line_name:
+            out[line_name[row]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def build_parser(dataclass_type):
+    """The stage's argument parser. `--help` shows, per flag, the comment on its line in Args, its default, and (for
+    Literal[...] fields) the allowed values, which argparse enforces. A bad flag or value is one `error:` line
+    (a UserError), not a usage dump."""
+    import argparse
     from transformers import HfArgumentParser
-    parser = HfArgumentParser(dataclass_type)
-    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise UserError(f"{message} (see --help)")
+
+    doc = sys.modules[dataclass_type.__module__].__doc__ or ""
+    parser = Parser(dataclass_type, description=doc.strip(), formatter_class=Formatter)
+    helps = field_help(dataclass_type)
+    for action in parser._actions:
+        if action.dest in helps:
+            off = action.option_strings[0].startswith("--no_")  # HF's complement of a bool flag
+            action.help = helps[action.dest].replace("%", "%%") + (" (this flag turns it off)" if off else "")
+    return parser
+
+
+def parse_args(dataclass_type, argv=None):
+    """The stage's Args dataclass from the command line (see build_parser)."""
+    args, rest = build_parser(dataclass_type).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise UserError(f"unknown flag(s) {' '.join(rest)} (see --help)")
     return args
@@ -132,7 +171,12 @@ def shard_model(model, device, mixed_precision=None, activation_checkpointing=Fa
     graph); dynamic shapes, since batches and rollouts vary in length. offload: FSDP2 CPUOffloadPolicy, the shards
     live in (pinned) CPU memory and are copied to the GPU only for the all-gather of a forward, so a frozen model
     costs no GPU memory between uses."""
+    import warnings
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    # FSDP2 warns when a root returns a view (a score model's logits): an in-place op on it would skip the
+    # pre-backward hook. Nothing here modifies a model output in place (every use is out-of-place: slicing, gather,
+    # arithmetic), so the warning is noise on every PPO run.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
@@ -199,15 +243,58 @@ def is_hub_name(s):
     """`org/name` (optionally `:split` for data): something to fetch from the hub rather than a local path."""
     import re
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:-]+)?", s) is not None \
-        and not s.split(":")[0].endswith((".jsonl", ".json", ".parquet"))
+        and not s.split(":")[0].endswith((".jsonl", ".gz", ".json", ".parquet"))
 
 
-def _check_model_path(path):
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
+# the stage that writes each default output folder, for "run X first" hints
+WRITTEN_BY = {"sft": "sft.py", "reward": "train_preference.py --objective reward",
+              "cost": "train_preference.py --objective cost", "ppo_lag": "ppo_lagrangian.py",
+              "ppo": "ppo_lagrangian.py --algo ppo --output_dir output/ppo"}
+
+
+def _hub_reachable(timeout=3.0):
+    """Can this process reach the hub? One TCP connect (milliseconds when offline), instead of transformers' retries
+    with back-off (five "Retrying in 8s" lines) before the same failure."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(name, repo_type="model"):
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json" if repo_type == "model" else "README.md",
+                                                 repo_type=repo_type), str)
+    except Exception:
+        return False
+
+
+def check_path(path, flag, what="model"):
+    """A local folder/file, or a hub name the hub can serve now; otherwise one line that names the path, the stage
+    that writes it (for our default output folders) and the flag to pass. Never a hub request for a folder that a
+    stage was meant to write (`output/sft` is also a valid `org/name`)."""
+    if os.path.exists(path):
+        if what == "model" and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
             raise UserError(f"model folder {path} has no config.json")
-    elif not is_hub_name(path):
-        raise UserError(f"model path {path} does not exist")
+        return
+    name = path.split(":")[0]
+    first = name.split("/")[0]
+    stage = WRITTEN_BY.get(os.path.basename(name.rstrip("/"))) if first == "output" else None
+    if not is_hub_name(path) or first in ("output", ".", "..", "~") or os.path.isdir(first):
+        hint = f"run {stage} first, or pass {flag}" if stage else f"pass {flag} with a local path or a hub name"
+        raise UserError(f"{path} does not exist: {hint}")
+    if not _hub_reachable() and not _hub_cached(name, "model" if what == "model" else "dataset"):
+        raise UserError(f"{path} is not a local path, and the hub is unreachable from here (no network, or "
+                        f"HF_HUB_OFFLINE set) with no cached copy: pass {flag} with a local path")
+
+
+def _check_model_path(path, flag="--model_name_or_path"):
+    check_path(path, flag, "model")
 
 
 def _first_line(e):
@@ -239,6 +326,17 @@ def load_tokenizer(path, trust_remote_code=False, padding_side="right"):
     return tok
 
 
+def has_tokenizer(path):
+    """A hub name, or a local folder that holds tokenizer files."""
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def same_tokenizer(a, b):
+    """Do two tokenizers turn text into the same ids (same vocabulary, same EOS)? Then models trained with either read
+    each other's ids; otherwise text must be re-tokenised (safe-rlhf's is_same_tokenizer, the same test)."""
+    return a is b or (a.eos_token_id == b.eos_token_id and len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
 def has_weights(path):
     return os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.safetensors")))
 
@@ -248,12 +346,32 @@ def _no_pickles(path):
         raise UserError(f"{path} holds weights only as pickle (*.bin); convert them to safetensors")
 
 
+def _is_dropout_field(name, value):
+    return ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float) and not isinstance(value, bool)
+
+
 def disable_dropout(model):
     """Dropout off everywhere in RL and in score models (RLHF-DETAILS 10): log-probs and scores must be
-    deterministic functions of the tokens, or the first PPO ratio is not 1."""
+    deterministic functions of the tokens, or the first PPO ratio is not 1. Three places hold dropout: nn.Dropout
+    modules; plain float attributes read inside forward, e.g. Llama/Qwen/Mistral's `attention_dropout`, which SDPA
+    applies in train mode (0.1 makes two train-mode forwards differ by up to 0.74); and the config (every
+    `*dropout*` / `*pdrop` field, nested configs too), so a saved model and anything built from it stay off."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if _is_dropout_field(name, value):
+                setattr(m, name, 0.0)
+    configs = [getattr(model, "config", None)]
+    while configs:
+        cfg = configs.pop()
+        if cfg is None:
+            continue
+        for name, value in list(vars(cfg).items()):
+            if _is_dropout_field(name, value):
+                setattr(cfg, name, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested config (text_config, ...)
+                configs.append(value)
     return model
 
 
@@ -388,9 +506,10 @@ FIELDS["preference"] = {**FIELDS["reward"], **FIELDS["cost"]}
 
 def _read_local(path):
     """-> list of (row number, row dict or error string). Row numbers are 1-based lines for .jsonl."""
-    if path.endswith(".jsonl"):
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        import gzip
         out = []
-        with open(path) as f:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -411,24 +530,59 @@ def _read_local(path):
     if path.endswith(".parquet"):
         import datasets
         return list(enumerate(datasets.load_dataset("parquet", data_files=path, split="train"), 1))
-    raise UserError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+    raise UserError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .json or .parquet)")
 
 
-def _read_spec(spec):
+def _read_spec(spec, flag):
     spec = spec.strip()
     if os.path.isdir(spec):
-        files = sorted(f for ext in ("jsonl", "json", "parquet") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
+        files = sorted(f for ext in ("jsonl", "jsonl.gz", "json", "parquet") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
         if not files:
             raise UserError(f"{spec}: folder holds no .jsonl/.json/.parquet file")
         return [(f, r) for f in files for r in [_read_local(f)]]
     if os.path.exists(spec):
         return [(spec, _read_local(spec))]
     name, _, split = spec.partition(":")
-    if not is_hub_name(spec):
-        raise UserError(f"data path {spec} does not exist")
+    check_path(spec, flag, "data")
     import datasets  # a hub dataset `org/name:split` (never used by tests or the tiny demo)
     ds = datasets.load_dataset(name, split=split or "train")
     return [(spec, list(enumerate(ds, 1)))]
+
+
+HH_TURN = "\n\nAssistant:"
+
+
+def from_chosen_rejected(row):
+    """A chosen/rejected row -> the PKU-SafeRLHF schema (response_0 = chosen, better_response_id = 0), or the reason
+    it cannot be. Two forms: TRL's {"prompt", "chosen", "rejected"}, and HH-RLHF's {"chosen", "rejected"}, where each
+    is a whole dialogue "\n\nHuman: ...\n\nAssistant: ..." and only the last Assistant turn differs. The prompt is
+    then the dialogue before that turn, with its first "Human:" label dropped (the prompt template adds its own);
+    earlier turns stay in the prompt as text."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        return None, "fields 'chosen' and 'rejected' must be strings (conversational lists are not supported)"
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            return None, f"field 'prompt' must be str, got {type(row['prompt']).__name__}"
+        prompt, a, b = row["prompt"], chosen, rejected
+    else:
+        i, j = chosen.rfind(HH_TURN), rejected.rfind(HH_TURN)
+        if i < 0 or j < 0:
+            return None, "chosen/rejected without a prompt field must be HH-RLHF dialogues ending in an Assistant turn"
+        if chosen[:i] != rejected[:j]:
+            return None, "chosen and rejected differ before their last Assistant turn (not one dialogue)"
+        prompt, a, b = chosen[:i].strip().removeprefix("Human:").strip(), chosen[i + len(HH_TURN):], rejected[j + len(HH_TURN):]
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    return {**extra, "prompt": prompt, "response_0": a, "response_1": b, "better_response_id": 0, "response": a}, None
+
+
+def from_alpaca(row):
+    """An alpaca row {"instruction", "input", "output"} -> {"prompt", "response"}; a non-empty input follows the
+    instruction after a blank line (alpaca's own layout)."""
+    prompt = row["instruction"]
+    if isinstance(prompt, str) and isinstance(row.get("input"), str) and row["input"].strip():
+        prompt = f"{prompt}\n\n{row['input']}"
+    return {**row, "prompt": prompt, "response": row["output"]}
 
 
 def validate_row(row, kind):
@@ -457,17 +611,22 @@ def validate_row(row, kind):
     return None
 
 
-def load_rows(specs, kind, skip_invalid=False):
+def load_rows(specs, kind, skip_invalid=False, flag="the data flag"):
     """Load and validate every row before any training step. `specs`: comma-separated local files/folders or
     hub `org/name:split`. A bad row is an error naming the file and row (or, with skip_invalid, skipped and
     counted)."""
     rows, skipped = [], 0
     for spec in [s for s in specs.split(",") if s.strip()]:
-        for source, numbered in _read_spec(spec):
+        for source, numbered in _read_spec(spec, flag):
             if not numbered:
                 raise UserError(f"{source}: file is empty")
             for i, row in numbered:
-                err = validate_row(row, kind)
+                err = None
+                if isinstance(row, dict) and "chosen" in row and "rejected" in row and "response_0" not in row:
+                    row, err = from_chosen_rejected(row)  # HH-RLHF / TRL preference rows
+                elif isinstance(row, dict) and "instruction" in row and "output" in row and "prompt" not in row:
+                    row = from_alpaca(row)  # SFT / PTX rows of alpaca (safe-rlhf's PTX data)
+                err = err or validate_row(row, kind)
                 if err and not skip_invalid:
                     raise UserError(f"{source}: row {i}: {err}")
                 if err:
@@ -608,11 +767,13 @@ def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, **fast)
 
 
-def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
-    """Linear warmup then cosine decay to min_ratio × lr."""
+def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0, kind="cosine"):
+    """Linear warmup then cosine decay to min_ratio × lr (kind "constant": the full lr after the warmup)."""
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
         p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
@@ -733,8 +894,17 @@ def progress(iterable=None, **kw):
     return tqdm(iterable, disable=not is_rank0(), dynamic_ncols=True, **kw)
 
 
-def load_judge(name):
-    """The exact rule-based judge of a synthetic task (`tiny_safety` -> data/tiny_safety.py), or None."""
+TINY_TASK_DATA = os.path.join(HERE, "data", "tiny-safety")
+
+
+def load_judge(name, data=""):
+    """The exact rule-based judge of a synthetic task (`tiny_safety` -> data/tiny_safety.py), or None.
+    name 'auto' (the stages' default): the tiny task's judge when every file of `data` (the stage's training or
+    prompt data) is the tiny task's, else none: its rules mean nothing on other prompts."""
+    if name == "auto":
+        specs = [s.strip() for s in data.split(",") if s.strip()]
+        tiny = bool(specs) and all(os.path.realpath(s).startswith(TINY_TASK_DATA + os.sep) for s in specs)
+        name = "tiny_safety" if tiny else ""
     if not name:
         return None
     sys.path.insert(0, os.path.join(HERE, "data"))
@@ -951,6 +1121,17 @@ class StopOnSignal:
     def requested(self):
         return all_reduce(float(self.flag), "max") > 0
 
+    def release(self):
+        """Call after the step loop, once the model is saved. A SIGTERM that came during the last step or the save
+        exits now (143); from here on SIGTERM ends the process at once (the default action): what is left is
+        evaluation, which writes nothing a rerun needs, so a scheduler's SIGTERM is never ignored. Collective."""
+        import signal
+        if self.requested():
+            print0("[resume] SIGTERM: the trained model is saved; exiting before the final evaluation")
+            cleanup_distributed()
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     @staticmethod
     def exit(checkpoint):
         print0(f"[resume] SIGTERM: saved {checkpoint}; continue with --resume")
@@ -1126,9 +1307,10 @@ def decode_responses(tokenizer, responses, lengths, has_eos, n=None):
 
 
 def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_size=32, greedy=True,
-                   temperature=1.0, top_p=1.0, seed=0, chat_template=False):
-    """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call."""
-    out = []
+                   temperature=1.0, top_p=1.0, seed=0, chat_template=False, return_tokens=False):
+    """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call. -> texts, or with
+    return_tokens (texts, [(prompt ids, response ids as generated, ending in EOS only if one was emitted)])."""
+    out, tokens = [], []
     gen = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     n = len(prompts)
@@ -1137,13 +1319,15 @@ def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_s
         for b in range(int(nb)):
             chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[:1]  # keep lock-step on short ranks
             real = len(prompts[b * batch_size:(b + 1) * batch_size])
-            ids, lens = pad([tokenize_prompt(tokenizer, p, chat_template) for p in chunk], tokenizer.pad_token_id, "left")
+            pids = [tokenize_prompt(tokenizer, p, chat_template) for p in chunk]
+            ids, lens = pad(pids, tokenizer.pad_token_id, "left")
             resp, rlen, has_eos = sample_responses(model, ids.to(device), lens.to(device), tokenizer.eos_token_id,
                                                    tokenizer.pad_token_id, max_new_tokens, temperature, top_p,
                                                    greedy=greedy, generator=gen)
             out += decode_responses(tokenizer, resp, rlen, has_eos, real)
+            tokens += [(pids[i], resp[i, :int(rlen[i])].tolist()) for i in range(real)]
     model.train()
-    return out
+    return (out, tokens) if return_tokens else out
 
 
 def gather_objects(objs):

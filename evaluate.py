@@ -22,6 +22,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,37 +31,35 @@ import common
 
 @dataclass
 class Args:
-    task: str = "arena"  # preference | arena | curves
-    output_dir: str = "output/eval"
+    task: Literal["preference", "arena", "curves"] = "arena"  # score-model accuracy, policies side by side, or run plots
+    output_dir: str = "output/eval"  # where the tables, JSON, CSV and plots go
     # --- preference
     model_name_or_path: str = "output/cost"  # the score model to evaluate
-    objective: str = ""  # reward | cost ('' = read score_objective from the model's config)
-    eval_data: str = "data/tiny-safety/preference_test.jsonl"
+    objective: Literal["", "reward", "cost"] = ""  # '' = read score_objective from the model's config
+    eval_data: str = "data/tiny-safety/preference_test.jsonl"  # preference rows (PKU-SafeRLHF schema, or chosen/rejected for a reward model)
     # --- arena
     policies: str = "sft=output/sft,ppo=output/ppo,ppo_lag=output/ppo_lag"  # name=path, comma-separated
-    reward_model_name_or_path: str = "output/reward"
-    cost_model_name_or_path: str = "output/cost"
-    prompt_data: str = "data/tiny-safety/prompts_test.jsonl"
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    judge: str = "tiny_safety"  # exact judge module in data/ ('' = none)
-    bootstrap: int = 1000
+    reward_model_name_or_path: str = "output/reward"  # reward model scoring the arena's answers
+    cost_model_name_or_path: str = "output/cost"  # cost model scoring the arena's answers
+    prompt_data: str = "data/tiny-safety/prompts_test.jsonl"  # held-out prompts every policy answers
+    samples_per_prompt: int = 4  # answers sampled per prompt and policy
+    max_new_tokens: int = 32  # answer length
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    judge: str = "auto"  # exact judge (module in data/); auto: on when --prompt_data is the tiny task's; '' = off
+    bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
     # --- curves
-    run_dirs: str = "output/ppo,output/ppo_lag"
+    run_dirs: str = "output/ppo,output/ppo_lag"  # run folders (with metrics.jsonl) to plot, comma-separated
     # --- shared
-    max_length: int = 128
-    batch_size: int = 64
-    chat_template: bool = False
-    trust_remote_code: bool = False
-    seed: int = 0
+    max_length: int = 128  # prompt + answer tokens when scoring
+    batch_size: int = 64  # sequences per forward pass
+    chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
+    trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
+    seed: int = 0  # seed of the sampling (the same for every policy)
 
 
 def parse_args(argv=None):
     args = common.parse_args(Args, argv)
-    if args.task not in ("preference", "arena", "curves"):
-        raise common.UserError(f"--task must be preference, arena or curves, got {args.task!r}")
     return args
 
 
@@ -74,15 +73,28 @@ def bootstrap_ci(values, n=1000, seed=0):
     return sum(values) / k, means[int(0.025 * n)], means[min(n - 1, int(0.975 * n))]
 
 
+def answer_ids(tokenizer, prompt, text, generated, policy_tokenizer, args):
+    """The ids a score model reads for one arena answer: what PPO scores. With the policy's tokenizer, the prompt and
+    the response tokens exactly as generated (EOS only if the policy emitted one: a cut-off answer is scored as cut
+    off, not as if it had ended). With another tokenizer, a text round trip, EOS again only if one was emitted."""
+    if generated is not None and common.same_tokenizer(tokenizer, policy_tokenizer):
+        prompt_ids, response_ids = generated
+        return (prompt_ids + response_ids)[:args.max_length]
+    t = common.tokenize_prompt_response(tokenizer, prompt, text, args.max_length, args.chat_template)
+    if t is None:  # the prompt alone fills max_length
+        return common.tokenize_prompt(tokenizer, prompt, args.chat_template)[-args.max_length:]
+    ended = generated is None or (generated[1] and generated[1][-1] == policy_tokenizer.eos_token_id)
+    return t[0] if ended or t[2] else t[0][:-1]
+
+
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, responses, args, device):
+def score_texts(model, tokenizer, prompts, responses, args, device, generated=None, policy_tokenizer=None):
     """End scores (at the last response token) of this rank's (prompt, response) pairs; same number of forward
-    passes on every rank."""
+    passes on every rank. generated: the arena's [(prompt ids, response ids)] per answer (see answer_ids); None for
+    preference rows, which are whole answers (EOS appended)."""
     model.eval()
-    seqs = []
-    for p, r in zip(prompts, responses):
-        t = common.tokenize_prompt_response(tokenizer, p, r if r.strip() else ".", args.max_length, args.chat_template)
-        seqs.append(t[0] if t else common.tokenize_prompt(tokenizer, p, args.chat_template)[-args.max_length:])
+    seqs = [answer_ids(tokenizer, p, r, generated[i] if generated else None, policy_tokenizer, args)
+            for i, (p, r) in enumerate(zip(prompts, responses))]
     out = []
     n = int(common.all_reduce(math.ceil(len(seqs) / args.batch_size), "max"))
     for i in range(n):
@@ -99,11 +111,18 @@ def load_scorer(path, tokenizer, args, device):
     return common.shard_model(m, device)
 
 
+def score_objective(path):
+    """reward | cost, from the score_objective train_preference.py writes into the model's config (default reward)."""
+    cfg = os.path.join(path, "config.json")
+    return json.load(open(cfg)).get("score_objective", "reward") if os.path.exists(cfg) else "reward"
+
+
 def task_preference(args, rank, world, device):
-    rows = common.load_rows(args.eval_data, "preference" if not args.objective else args.objective)
+    common._check_model_path(args.model_name_or_path)
+    objective = args.objective or score_objective(args.model_name_or_path)
+    rows = common.load_rows(args.eval_data, objective, flag="--eval_data")  # a reward model also reads chosen/rejected
     tok = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     model = load_scorer(args.model_name_or_path, tok, args, device)
-    objective = args.objective or getattr(model.config, "score_objective", "reward")
     hi_key = "better_response_id" if objective == "reward" else "safer_response_id"
     mine = rows[rank::world]
     p = [r["prompt"] for r in mine for _ in (0, 1)]
@@ -156,35 +175,37 @@ def task_arena(args, rank, world, device):
         name, _, path = item.partition("=")
         if not path:
             name, path = os.path.basename(item.rstrip("/")), item
-        common._check_model_path(path)
+        common._check_model_path(path, "--policies name=path")
         policies.append((name, path))
     if not policies:
         raise common.UserError("--policies is empty")
-    for path in (args.reward_model_name_or_path, args.cost_model_name_or_path):  # fail before any generation
-        if path:
-            common._check_model_path(path)
-    prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.prompt_data, "prompt")))
-    judge = common.load_judge(args.judge)
+    for kind in ("reward", "cost"):  # fail before any generation
+        if getattr(args, f"{kind}_model_name_or_path"):
+            common._check_model_path(getattr(args, f"{kind}_model_name_or_path"), f"--{kind}_model_name_or_path")
+    prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.prompt_data, "prompt", flag="--prompt_data")))
+    judge = common.load_judge(args.judge, args.prompt_data)
     mine = (prompts * args.samples_per_prompt)[rank::world]
-    answers = {}
-    tok = None
+    answers, generated, policy_toks = {}, {}, {}
     for name, path in policies:  # one policy in memory at a time
-        tok = common.load_tokenizer(path, args.trust_remote_code)
+        tok = policy_toks[name] = common.load_tokenizer(path, args.trust_remote_code)
         model = common.shard_model(common.disable_dropout(common.load_causal_lm(path, tok)), device)
         # same seed for every policy: the same sampling noise, so differences come from the policies
-        answers[name] = common.generate_texts(model, tok, mine, device, args.max_new_tokens, args.batch_size,
-                                              greedy=False, temperature=args.temperature, top_p=args.top_p,
-                                              seed=args.seed + rank, chat_template=args.chat_template)
+        answers[name], generated[name] = common.generate_texts(
+            model, tok, mine, device, args.max_new_tokens, args.batch_size, greedy=False, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template, return_tokens=True)
         del model
     scores = {}
     for kind, path in (("reward", args.reward_model_name_or_path), ("cost", args.cost_model_name_or_path)):
         stok = common.load_tokenizer(path, args.trust_remote_code)
         model = load_scorer(path, stok, args, device)
         for name, _ in policies:
-            scores[(name, kind)] = common.gather_objects(score_texts(model, stok, mine, answers[name], args, device))
+            scores[(name, kind)] = common.gather_objects(score_texts(model, stok, mine, answers[name], args, device,
+                                                                     generated[name], policy_toks[name]))
         del model
     allp = common.gather_objects(mine)
     answers = {n: common.gather_objects(a) for n, a in answers.items()}
+    ended = {n: common.gather_objects([bool(g[1]) and g[1][-1] == policy_toks[n].eos_token_id for g in gen])
+             for n, gen in generated.items()}
     if not common.is_rank0():
         return None
     B = args.bootstrap
@@ -215,8 +236,9 @@ def task_arena(args, rank, world, device):
     json.dump(result, open(os.path.join(args.output_dir, "arena.json"), "w"), indent=2)
     with open(os.path.join(args.output_dir, "answers.jsonl"), "w") as f:
         for i, p in enumerate(allp):
-            f.write(json.dumps({"prompt": p, **{n: {"answer": answers[n][i], "reward": scores[(n, "reward")][i],
-                                                     "cost": scores[(n, "cost")][i]} for n, _ in policies}}) + "\n")
+            f.write(json.dumps({"prompt": p, **{n: {"answer": answers[n][i], "eos": ended[n][i], "reward":
+                                                     scores[(n, "reward")][i], "cost": scores[(n, "cost")][i]}
+                                                 for n, _ in policies}}) + "\n")
 
     def fmt(ci, pct=False):
         return f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]" if pct else f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]"

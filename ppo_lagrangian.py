@@ -23,7 +23,7 @@ import collections
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -32,87 +32,88 @@ import common
 
 @dataclass
 class Args:
-    algo: str = "ppo_lag"  # ppo_lag | ppo | reward_shaping
+    algo: Literal["ppo_lag", "ppo", "reward_shaping"] = "ppo_lag"  # Safe RLHF, the RLHF baseline, or fixed-ν R − ν·C
     # --- models (critics default to the score models they are initialised from)
-    actor_model_name_or_path: str = "output/sft"
-    reward_model_name_or_path: str = "output/reward"
-    cost_model_name_or_path: str = "output/cost"
-    reward_critic_model_name_or_path: str = ""
-    cost_critic_model_name_or_path: str = ""
+    actor_model_name_or_path: str = "output/sft"  # the SFT policy: actor and frozen reference
+    reward_model_name_or_path: str = "output/reward"  # trained reward model (train_preference.py --objective reward)
+    cost_model_name_or_path: str = "output/cost"  # trained cost model (train_preference.py --objective cost)
+    reward_critic_model_name_or_path: str = ""  # reward critic's initialisation ('' = the reward model)
+    cost_critic_model_name_or_path: str = ""  # cost critic's initialisation ('' = the cost model)
     # --- data
     prompt_data: str = "data/tiny-safety/prompts_train.jsonl"  # prompt or preference rows (duplicates removed)
     ptx_data: str = ""  # SFT rows for the PTX loss ('' = off)
     eval_prompt_data: str = "data/tiny-safety/prompts_test.jsonl"  # held-out prompts scored every eval_every
-    judge: str = "tiny_safety"  # exact judge of the tiny task ('' = none)
-    output_dir: str = "output/ppo_lag"
+    judge: str = "auto"  # exact judge (module in data/); auto: on when --prompt_data is the tiny task's; '' = off
+    output_dir: str = "output/ppo_lag"  # where the actor, critics, lambda.json and metrics.jsonl go
     max_prompt_length: int = 64  # longer prompts are dropped and counted
-    chat_template: bool = False
-    trust_remote_code: bool = False
+    chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
+    trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
     # --- rollout
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 32  # response tokens sampled per prompt
+    max_length: int = 0  # if > 0: prompt + response tokens, as safe-rlhf's max_length (responses get at most this − prompt width)
+    temperature: float = 1.0  # sampling temperature (also divides every log-prob's logits)
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
     missing_eos_penalty: Optional[float] = None  # replace R of a response with no EOS by this value (None: keep)
     # --- batch vocabulary: rollout batch -> ppo_epochs -> minibatches (one optimiser step) -> micro-batches
     per_device_prompt_batch_size: int = 32  # prompts per rank per rollout
     rollout_batch_size: int = 0  # prompts per rollout over all ranks; if set, per-device = this / world size
     per_device_train_batch_size: int = 16  # sequences per rank per optimiser step
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    ppo_epochs: int = 1  # passes over each rollout batch
     epochs: int = 1000  # passes over the prompt set (max_steps usually stops first)
     max_steps: int = 60  # rollout batches
     # --- PPO (defaults: safe-rlhf's scripts, except where the tiny task says otherwise)
     actor_lr: float = 1e-4  # tiny default; safe-rlhf 7B: 1e-5
     critic_lr: float = 1e-4  # tiny default; safe-rlhf 7B: 5e-6
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay of the actor (matrices only; safe-rlhf: 0.01)
+    critic_weight_decay: Optional[float] = None  # AdamW weight decay of the critics (None: weight_decay; safe-rlhf: 0.0)
+    lr_scheduler_type: Literal["constant", "cosine"] = "constant"  # actor lr after the warmup (safe-rlhf: cosine)
+    critic_lr_scheduler_type: Literal["", "constant", "cosine"] = ""  # critics' ('' = lr_scheduler_type; safe-rlhf: constant)
+    warmup_ratio: float = 0.0  # fraction of the optimiser steps with linear lr warmup, all models (safe-rlhf: 0.03)
     kl_coeff: float = 0.05  # β (tiny default; safe-rlhf: 0.01)
     clip_ratio: float = 0.2  # ε of the surrogate
     clip_range_score: float = 50.0  # R and C clamped to ±this
     clip_range_value: float = 5.0  # value-loss clip
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
+    gamma: float = 1.0  # discount of GAE
+    gae_lambda: float = 0.95  # lambda of GAE
     whiten_advantages: bool = False  # whiten A_r and A_c separately before mixing (safe-rlhf: off)
     normalize_reward: bool = False  # divide R by the reward model's training score std (config score_std)
     normalize_cost: bool = False  # divide C by its std; the zero point (cost > 0 = unsafe) is kept
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping norm per model
     ptx_coeff: float = 16.0  # actor loss = RL loss + ptx_coeff · PTX loss (see README: safe-rlhf mapping)
     # --- the Lagrange multiplier
     threshold: float = -4.5  # d; tiny default chosen in the README ("the constraint"); paper: 0 then −3
-    lagrangian: str = "gradient"  # gradient | pid
-    lambda_init: float = 1.0
-    lambda_lr: float = 0.1
-    lambda_max: Optional[float] = 5.0
-    lambda_update_delay_steps: int = 0
-    episode_cost_window_size: int = 128
-    pid_kp: float = 0.1
-    pid_ki: float = 0.05
-    pid_kd: float = 0.1
+    lagrangian: Literal["gradient", "pid"] = "gradient"  # λ update: gradient ascent on log λ, or PID (Stooke et al.)
+    lambda_init: float = 1.0  # initial Lagrange multiplier
+    lambda_lr: float = 0.1  # learning rate of log(lambda) (gradient ascent)
+    lambda_max: Optional[float] = 5.0  # cap on lambda (None = no cap)
+    lambda_update_delay_steps: int = 0  # rollouts before lambda starts to move
+    episode_cost_window_size: int = 128  # episodes (of all ranks) whose mean cost J_C drives lambda
+    pid_kp: float = 0.1  # PID Lagrangian: proportional gain
+    pid_ki: float = 0.05  # PID Lagrangian: integral gain
+    pid_kd: float = 0.1  # PID Lagrangian: derivative gain
     shaping_coeff: float = 1.0  # ν of --algo reward_shaping
     # --- systems and logging
-    seed: int = 42
-    bf16: bool = True
-    activation_checkpointing: bool = False
+    seed: int = 42  # seed of the prompt order and sampling (sampling: seed + rank)
+    bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
+    activation_checkpointing: bool = False  # recompute block activations in backward (trained models)
     compile: bool = False  # torch.compile the decoder blocks of the trained models (actor, critics)
     offload_frozen: bool = False  # keep the frozen models (reference, reward, cost) in CPU memory between uses
-    log_every: int = 1
+    log_every: int = 1  # rollouts between metrics.jsonl rows
     eval_every: int = 20  # steps between held-out evaluations (0: only at the end)
-    eval_samples_per_prompt: int = 4
-    wandb_project: str = ""
-    run_name: str = ""
-    overwrite: bool = False
-    save_model: bool = True
+    eval_samples_per_prompt: int = 4  # samples per held-out prompt in evaluation
+    wandb_project: str = ""  # also log to this wandb project ('' = off)
+    run_name: str = ""  # wandb run name ('' = the algo)
+    overwrite: bool = False  # replace a finished run (or an unfinished one's checkpoints) in output_dir
+    save_model: bool = True  # write the actor and critics as HF folders at the end
     # --- resume (README "Resuming and failures"): actor, critics, their optimisers, λ, the cost window, RNG
     save_every: int = 0  # rollouts between resume checkpoints in output_dir/checkpoints (0: none)
-    keep_last: int = 2
+    keep_last: int = 2  # resume checkpoints kept (older ones are deleted)
     resume: str = field(default="", metadata={"nargs": "?", "const": "auto"})  # --resume: newest checkpoint; or a path
 
 
 def parse_args(argv=None):
     args = common.parse_args(Args, argv)
-    if args.algo not in ("ppo_lag", "ppo", "reward_shaping"):
-        raise common.UserError(f"--algo must be ppo_lag, ppo or reward_shaping, got {args.algo!r}")
-    if args.lagrangian not in ("gradient", "pid"):
-        raise common.UserError(f"--lagrangian must be gradient or pid, got {args.lagrangian!r}")
     args.reward_critic_model_name_or_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
     args.cost_critic_model_name_or_path = args.cost_critic_model_name_or_path or args.cost_model_name_or_path
     args.run_name = args.run_name or args.algo
@@ -191,24 +192,50 @@ def end_scores(model, ids, attn, pos, P, resp_lens):
 # ----------------------------------------------------------------------------- rollout
 @torch.no_grad()
 def rollout(actor, prompts, tokenizer, args, device, generator, greedy=False):
-    """Blocks 1-2: generate from this rank's prompts, cut after EOS. -> dict of tensors on device."""
-    ids, plens = common.pad([p for p in prompts], tokenizer.pad_token_id, "left")
+    """Blocks 1-2: generate from this rank's prompts [(text, ids)], cut after EOS. -> dict of tensors on device
+    (and the prompt texts, for a score model with another tokenizer)."""
+    ids, plens = common.pad([p[1] for p in prompts], tokenizer.pad_token_id, "left")
     ids, plens = ids.to(device), plens.to(device)
+    n_new = args.max_new_tokens
+    if args.max_length:  # safe-rlhf's max_length bounds the padded prompt + response; ranks must agree on the steps
+        n_new = min(n_new, args.max_length - int(common.all_reduce(ids.shape[1], "max")))
     actor.eval()
     with common.gathered_for_generation(actor):  # one all-gather for the whole generation, not one per token
         resp, rlens, has_eos = common.sample_responses(actor, ids, plens, tokenizer.eos_token_id,
-                                                       tokenizer.pad_token_id, args.max_new_tokens,
+                                                       tokenizer.pad_token_id, n_new,
                                                        args.temperature, args.top_p, greedy, generator)
     actor.train()
     resp = resp[:, :int(rlens.max())]  # drop columns that are padding in every row
     seq, attn, pos, rmask = sequence_inputs(ids, plens, resp, rlens)
     return {"seq": seq, "attn": attn, "pos": pos, "mask": rmask, "lens": rlens, "has_eos": has_eos,
-            "P": ids.shape[1], "responses": resp}
+            "P": ids.shape[1], "responses": resp, "prompt_texts": [p[0] for p in prompts]}
+
+
+def score_inputs(batch, tokenizer, score_tokenizer, chat_template):
+    """What a score model reads -> (ids, attention mask, positions, P, response lengths). With the actor's tokenizer
+    (score_tokenizer None): the rollout's own ids. With another tokenizer (a reward or cost model of another model
+    family): a text round trip, as safe-rlhf does: each response is decoded and prompt + response are re-tokenised
+    with the score model's tokenizer and template. Its EOS is appended only where the actor emitted one, so a
+    cut-off response is scored as cut off. Actor ids are never fed to a model that reads other ids."""
+    if score_tokenizer is None:
+        return batch["seq"], batch["attn"], batch["pos"], batch["P"], batch["lens"]
+    texts = common.decode_responses(tokenizer, batch["responses"], batch["lens"], batch["has_eos"])
+    prompts, responses = [], []
+    for p, r, eos in zip(batch["prompt_texts"], texts, batch["has_eos"].tolist()):
+        ids, plen, _ = common.tokenize_prompt_response(score_tokenizer, p, r, 1 << 30, chat_template)
+        prompts.append(ids[:plen])
+        responses.append(ids[plen:] if eos else ids[plen:-1])
+    dev = batch["seq"].device
+    pids, plens = common.pad(prompts, score_tokenizer.pad_token_id, "left")
+    rids, rlens = common.pad(responses, score_tokenizer.pad_token_id)
+    seq, attn, pos, _ = sequence_inputs(pids.to(dev), plens.to(dev), rids.to(dev), rlens.to(dev))
+    return seq, attn, pos, pids.shape[1], rlens.to(dev)
 
 
 @torch.no_grad()
-def score_rollout(batch, models, args, with_values=True):
-    """Block 3: one batched no-grad pass per model."""
+def score_rollout(batch, models, args, tokenizers, with_values=True):
+    """Block 3: one batched no-grad pass per model. tokenizers: {"actor": ..., "reward"/"cost": the score model's
+    own tokenizer when it differs from the actor's, else absent}."""
     seq, attn, pos, P, lens, mask = batch["seq"], batch["attn"], batch["pos"], batch["P"], batch["lens"], batch["mask"]
     out = {}
     for name in ("actor", "ref"):
@@ -217,9 +244,11 @@ def score_rollout(batch, models, args, with_values=True):
     out["ref_logp"] = response_logprobs(models["ref"], seq, attn, pos, P, args.temperature)
     out["entropy"] = common.masked_mean(ent, mask)
     models["actor"].train()
-    out["reward"] = end_scores(models["reward"], seq, attn, pos, P, lens)
-    if models.get("cost") is not None:
-        out["cost"] = end_scores(models["cost"], seq, attn, pos, P, lens)
+    for name in ("reward", "cost"):
+        if models.get(name) is not None:
+            s_seq, s_attn, s_pos, s_P, s_lens = score_inputs(batch, tokenizers["actor"], tokenizers.get(name),
+                                                             args.chat_template)
+            out[name] = end_scores(models[name], s_seq, s_attn, s_pos, s_P, s_lens)
     if with_values:
         out["reward_values"] = critic_values(models["reward_critic"], seq, attn, pos, P) * mask
         if models.get("cost_critic") is not None:
@@ -251,22 +280,37 @@ def main(argv=None):
             raise common.UserError(f"--rollout_batch_size {args.rollout_batch_size} is not divisible by world size {world}")
         args.per_device_prompt_batch_size = args.rollout_batch_size // world
     B, mb, acc = args.per_device_prompt_batch_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    if args.max_length and args.max_prompt_length >= args.max_length:
+        raise common.UserError(f"--max_prompt_length {args.max_prompt_length} leaves no room for a response within "
+                               f"--max_length {args.max_length}")
     if B % mb or mb % acc:
         raise common.UserError(f"per_device_prompt_batch_size ({B}) must be a multiple of per_device_train_batch_size "
                                f"({mb}), itself a multiple of gradient_accumulation_steps ({acc})")
-    rows = common.load_rows(args.prompt_data, "prompt")
+    rows = common.load_rows(args.prompt_data, "prompt", flag="--prompt_data")
     prompts_text = list(dict.fromkeys(r["prompt"] for r in rows))  # duplicates removed, order kept
-    eval_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.eval_prompt_data, "prompt"))) \
+    eval_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.eval_prompt_data, "prompt", flag="--eval_prompt_data"))) \
         if args.eval_prompt_data else []
-    ptx_rows = common.load_rows(args.ptx_data, "sft") if args.ptx_data else []
-    judge = common.load_judge(args.judge)
-    for path in [args.actor_model_name_or_path, args.reward_model_name_or_path, args.reward_critic_model_name_or_path] + \
-            ([args.cost_model_name_or_path, args.cost_critic_model_name_or_path] if use_cost else []):
-        common._check_model_path(path)
+    ptx_rows = common.load_rows(args.ptx_data, "sft", flag="--ptx_data") if args.ptx_data else []
+    judge = common.load_judge(args.judge, args.prompt_data)
+    for flag in ["actor", "reward", "reward_critic"] + (["cost", "cost_critic"] if use_cost else []):
+        common._check_model_path(getattr(args, f"{flag}_model_name_or_path"), f"--{flag}_model_name_or_path")
     for what, path in [("reward", args.reward_model_name_or_path)] + ([("cost", args.cost_model_name_or_path)] if use_cost else []):
         if os.path.isdir(path) and not common.has_weights(path):  # a seeded random scorer is never what one wants here
             raise common.UserError(f"{what} model folder {path} has no weights (*.safetensors): train it with train_preference.py")
     tokenizer = common.load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
+    tokenizers = {"actor": tokenizer}  # + a score model's own tokenizer where it differs (text round trip)
+    for name in ["reward", "reward_critic"] + (["cost", "cost_critic"] if use_cost else []):
+        path = getattr(args, f"{name}_model_name_or_path")
+        own = common.load_tokenizer(path, args.trust_remote_code) if common.has_tokenizer(path) else tokenizer
+        if common.same_tokenizer(own, tokenizer):
+            continue
+        if name.endswith("critic"):  # a critic gives a value per actor token: it must read the actor's ids
+            raise common.UserError(f"--{name}_model_name_or_path {path}: its tokenizer differs from the actor's; a "
+                                   f"critic scores every actor token, so initialise it from a model with the actor's "
+                                   f"tokenizer (e.g. --{name}_model_name_or_path {args.actor_model_name_or_path})")
+        tokenizers[name] = own
+        common.print0(f"[ppo] the {name} model's tokenizer differs from the actor's: responses reach it as text, "
+                      f"re-tokenised with its own tokenizer")
     prompts, dropped = [], 0
     for p in prompts_text:
         ids = common.tokenize_prompt(tokenizer, p, args.chat_template)
@@ -290,9 +334,9 @@ def main(argv=None):
     # 1. six models, all FSDP2-sharded; frozen ones hold no optimiser state. Dropout off everywhere (RLHF-DETAILS 10)
     mp = args.bf16 and device.type == "cuda"
 
-    def build(kind, path, trainable):
+    def build(kind, path, trainable, tok=None):
         load = common.load_causal_lm if kind == "lm" else common.load_score_model
-        m = common.disable_dropout(load(path, tokenizer, args.seed, args.trust_remote_code))
+        m = common.disable_dropout(load(path, tok or tokenizer, args.seed, args.trust_remote_code))
         m.config.use_cache = False
         m.requires_grad_(trainable)
         return common.shard_model(m, device, mixed_precision=mp, activation_checkpointing=args.activation_checkpointing
@@ -301,17 +345,25 @@ def main(argv=None):
 
     models = {"actor": build("lm", args.actor_model_name_or_path, True),
               "ref": build("lm", args.actor_model_name_or_path, False),
-              "reward": build("score", args.reward_model_name_or_path, False),
+              "reward": build("score", args.reward_model_name_or_path, False, tokenizers.get("reward")),
               "reward_critic": build("score", args.reward_critic_model_name_or_path, True),
-              "cost": build("score", args.cost_model_name_or_path, False) if use_cost else None,
+              "cost": build("score", args.cost_model_name_or_path, False, tokenizers.get("cost")) if use_cost else None,
               "cost_critic": build("score", args.cost_critic_model_name_or_path, True) if args.algo == "ppo_lag" else None}
     reward_std = getattr(models["reward"].config, "score_std", 1.0) if args.normalize_reward else 1.0
     cost_std = getattr(models["cost"].config, "score_std", 1.0) if args.normalize_cost and use_cost else 1.0
 
+    critic_wd = args.weight_decay if args.critic_weight_decay is None else args.critic_weight_decay
     opts = {"actor": common.adamw(models["actor"], args.actor_lr, args.weight_decay),  # betas (0.9, 0.95): RLHF-DETAILS 18
-            "reward_critic": common.adamw(models["reward_critic"], args.critic_lr, args.weight_decay)}
+            "reward_critic": common.adamw(models["reward_critic"], args.critic_lr, critic_wd)}
     if models["cost_critic"] is not None:
-        opts["cost_critic"] = common.adamw(models["cost_critic"], args.critic_lr, args.weight_decay)
+        opts["cost_critic"] = common.adamw(models["cost_critic"], args.critic_lr, critic_wd)
+    # learning-rate schedules over all optimiser steps of the run: linear warmup, then constant or cosine (safe-rlhf:
+    # 3% warmup, cosine for the actor, constant for the critics); "constant" without warmup leaves every lr as set
+    opt_steps = total * (B // mb) * args.ppo_epochs
+    kinds = {"actor": args.lr_scheduler_type}
+    scheds = {name: common.cosine_schedule(o, int(args.warmup_ratio * opt_steps), opt_steps,
+                                           kind=kinds.get(name, args.critic_lr_scheduler_type or args.lr_scheduler_type))
+              for name, o in opts.items()}
     if args.lagrangian == "pid":
         lagrange = common.PIDLagrangian(args.lambda_init, args.pid_kp, args.pid_ki, args.pid_kd, args.lambda_max,
                                         args.lambda_update_delay_steps)
@@ -328,6 +380,8 @@ def main(argv=None):
     if ckpt:
         state = common.load_checkpoint(ckpt, trained, generators)
         lagrange.load_state_dict(state["lagrange"])
+        for name, sd in state.get("schedulers", {}).items():
+            scheds[name].load_state_dict(sd)
         cost_window.extend(state["cost_window"])
         same_world = state["world_size"] == world
         lambda_history = list(state["lambda_history"][rank if same_world else 0])
@@ -339,6 +393,7 @@ def main(argv=None):
 
     def save(step):
         state = {**run_state, "lagrange": lagrange.state_dict(), "cost_window": list(cost_window),
+                 "schedulers": {name: sc.state_dict() for name, sc in scheds.items()},
                  "lambda_history": common.gather_objects([lambda_history])}
         return common.save_checkpoint(args.output_dir, step, trained, state, generators, keep_last=args.keep_last)
 
@@ -354,8 +409,8 @@ def main(argv=None):
         for i in range(0, int(common.all_reduce(len(mine), "max")), B):
             chunk = mine[i:i + B] or mine[:1]
             real = len(mine[i:i + B])
-            b = rollout(models["actor"], [eval_ids[p] for p in chunk], tokenizer, args, device, g)
-            s = score_rollout(b, models, args, with_values=False)
+            b = rollout(models["actor"], [(p, eval_ids[p]) for p in chunk], tokenizer, args, device, g)
+            s = score_rollout(b, models, args, tokenizers, with_values=False)
             rewards += s["reward"][:real].tolist()
             costs += s["cost"][:real].tolist() if "cost" in s else []
             texts += common.decode_responses(tokenizer, b["responses"], b["lens"], b["has_eos"], real)
@@ -377,11 +432,11 @@ def main(argv=None):
     for step in range(start, total):
         idx = common.batch_indices(len(prompts), B * world, rank, world, args.seed, step, steps_per_epoch)
         # ---- 1-2. generate and cut after EOS
-        batch = rollout(models["actor"], [prompts[i][1] for i in idx], tokenizer, args, device, gen)
+        batch = rollout(models["actor"], [prompts[i] for i in idx], tokenizer, args, device, gen)
         mask, lens = batch["mask"], batch["lens"]
         timer.lap("generate")
         # ---- 3. score: one batched no-grad pass per model
-        s = score_rollout(batch, models, args)
+        s = score_rollout(batch, models, args, tokenizers)
         common.check_finite({k: s[k] for k in ("reward", "cost", "old_logp", "ref_logp") if k in s}, f"rollout {step + 1}")
         reward, cost = s["reward"] / reward_std, (s["cost"] / cost_std if "cost" in s else None)
         no_eos = ~batch["has_eos"]
@@ -461,8 +516,9 @@ def main(argv=None):
                 # a NaN/inf anywhere (a loss gives NaN gradients) stops before any model is updated
                 common.check_finite({f"{k} gradient norm": v for k, v in norms.items()}, f"rollout {step + 1}",
                                     same_on_all_ranks=True)  # clipped FSDP norms are global
-                for opt in opts.values():
+                for name, opt in opts.items():
                     opt.step()
+                    scheds[name].step()
         timer.lap("update")
         step += 1
         bar.update(1)
@@ -485,6 +541,7 @@ def main(argv=None):
             m = dict(zip(keys, (common.all_reduce(torch.tensor([m[k] for k in keys])) / world).tolist()))
             m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
             m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
+            m["train/actor_lr"], m["train/critic_lr"] = scheds["actor"].get_last_lr()[0], scheds["reward_critic"].get_last_lr()[0]
             if args.algo == "ppo_lag":
                 m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
             if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)
@@ -506,12 +563,8 @@ def main(argv=None):
     bar.close()
     timer.close({name: (m, opts.get(name)) for name, m in models.items() if m is not None})
 
-    # final held-out evaluation, then save: the actor as an HF folder; critics and λ for resume
-    final = evaluate_heldout(step)
-    if judge and final:
-        common.print0(f"[{args.algo}] held-out: reward {final['eval/reward']:.3f}, exact-judge unsafe rate on harmful "
-                      f"prompts {final['eval/judge_unsafe_rate_harmful']:.1%}, helpfulness on benign "
-                      f"{final['eval/judge_helpful_benign']:.2f}/4")
+    # save first (the actor as an HF folder, the critics, λ), then the final held-out evaluation: a kill during the
+    # evaluation never loses the trained policy, and from the save on SIGTERM ends the process at once
     per_rank = common.gather_objects([lambda_history])  # one list per rank
     if common.is_rank0():
         with open(os.path.join(args.output_dir, "lambda.json"), "w") as f:
@@ -523,6 +576,12 @@ def main(argv=None):
                 common.save_hf(models[name], None, os.path.join(args.output_dir, "critics", name))
         common.save_hf(models["actor"], tokenizer, args.output_dir)  # config.json last: the folder is complete
         common.print0(f"[{args.algo}] saved {args.output_dir}")
+    stop.release()
+    final = evaluate_heldout(step)
+    if judge and final:
+        common.print0(f"[{args.algo}] held-out: reward {final['eval/reward']:.3f}, exact-judge unsafe rate on harmful "
+                      f"prompts {final['eval/judge_unsafe_rate_harmful']:.1%}, helpfulness on benign "
+                      f"{final['eval/judge_helpful_benign']:.2f}/4")
     logger.close()
     common.cleanup_distributed()
 

@@ -26,39 +26,39 @@ class Args:
     model_name_or_path: str = "assets/tiny-llama"  # HF folder or hub name; a config-only folder is seeded
     train_data: str = "data/tiny-safety/sft_train.jsonl"  # rows {prompt, response}; comma-separated list ok
     eval_data: str = "data/tiny-safety/sft_test.jsonl"  # held-out rows for the eval loss ('' = none)
-    output_dir: str = "output/sft"
+    output_dir: str = "output/sft"  # where the HF model folder, metrics.jsonl and checkpoints go
     max_length: int = 128  # prompt + response tokens; longer responses are truncated (and counted)
     chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
     skip_invalid_rows: bool = False  # skip bad rows with a counted warning instead of stopping
-    truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (default: drop)
-    trust_remote_code: bool = False
+    truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (else they are dropped)
+    trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
     # --- optimisation (the research knobs)
-    epochs: int = 6
+    epochs: int = 6  # passes over the training rows
     max_steps: int = -1  # stop after this many optimiser steps (-1: run all epochs)
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int = 16  # rows per rank per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
     global_batch_size: int = 0  # if set, gradient_accumulation_steps = this / (per-device batch x world size)
     learning_rate: float = 1e-3  # tiny default; safe-rlhf 7B: 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay (matrices only)
+    warmup_ratio: float = 0.03  # fraction of the steps with linear warmup, then cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
     include_prompt_loss: bool = False  # train on prompt tokens too
-    seed: int = 42
+    seed: int = 42  # seed of the data order, initialisation and sampling
     # --- systems
     bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward (long sequences)
     compile: bool = False  # torch.compile each decoder block (for CUDA; also runs on CPU, ~40 s to compile)
     # --- logging, evaluation, saving
-    log_every: int = 10
+    log_every: int = 10  # optimiser steps between metrics.jsonl rows
     eval_every: int = 0  # steps between eval-loss passes (0: once per epoch)
-    judge: str = "tiny_safety"  # exact judge module in data/ for the final generation check ('' = off)
-    judge_prompts: str = "data/tiny-safety/prompts_test.jsonl"
-    judge_max_new_tokens: int = 32
+    judge: str = "auto"  # exact judge (module in data/) for a final generation check; auto: on for the tiny task's data only; '' = off
+    judge_prompts: str = "data/tiny-safety/prompts_test.jsonl"  # held-out prompts for the final judge check
+    judge_max_new_tokens: int = 32  # answer length for the judge check
     judge_samples_per_prompt: int = 4  # sampled at temperature 1: the policy's distribution, not its mode
-    wandb_project: str = ""
-    run_name: str = "sft"
+    wandb_project: str = ""  # also log to this wandb project ('' = off)
+    run_name: str = "sft"  # wandb run name
     overwrite: bool = False  # replace a finished run (or an unfinished one's checkpoints) in output_dir
-    save_model: bool = True
+    save_model: bool = True  # write the trained model as an HF folder at the end
     # --- resume (README "Resuming and failures")
     save_every: int = 0  # optimiser steps between resume checkpoints in output_dir/checkpoints (0: none)
     keep_last: int = 2  # resume checkpoints kept (older ones are deleted)
@@ -95,10 +95,10 @@ def main(argv=None):
     # 1. validate everything before building anything: data, model path, batch sizes, output folder
     common.check_output_dir(args.output_dir, args.overwrite, args.resume)
     ckpt = common.resolve_resume(args.resume, args.output_dir)
-    train_rows = common.load_rows(args.train_data, "sft", args.skip_invalid_rows)
-    eval_rows = common.load_rows(args.eval_data, "sft", args.skip_invalid_rows) if args.eval_data else []
-    judge = common.load_judge(args.judge)
-    judge_prompts = [r["prompt"] for r in common.load_rows(args.judge_prompts, "prompt")] if judge else []
+    train_rows = common.load_rows(args.train_data, "sft", args.skip_invalid_rows, "--train_data")
+    eval_rows = common.load_rows(args.eval_data, "sft", args.skip_invalid_rows, "--eval_data") if args.eval_data else []
+    judge = common.load_judge(args.judge, args.train_data)
+    judge_prompts = [r["prompt"] for r in common.load_rows(args.judge_prompts, "prompt", flag="--judge_prompts")] if judge else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train = common.tokenize_sft_rows(train_rows, tokenizer, args.max_length, args.chat_template, args.train_data,
                                      args.truncate_long_prompts)
@@ -182,7 +182,14 @@ def main(argv=None):
     bar.close()
     timer.close({"model": (model, opt)})
 
-    # 4. the exact judge on held-out prompts (sampled): does the model answer in the task's format, and how
+    # 4. save the HF folder (rank 0 gathers the full state dict) before anything else, so a kill during the judge
+    #    check never loses the trained model; from here on SIGTERM ends the process at once
+    if args.save_model:
+        common.save_hf(model, tokenizer, args.output_dir)
+        common.print0(f"[sft] saved {args.output_dir}")
+    stop.release()
+
+    # 5. the exact judge on held-out prompts (sampled): does the model answer in the task's format, and how
     #    often does it answer harmful requests unsafely? (tiny task only)
     if judge:
         mine = (judge_prompts * args.judge_samples_per_prompt)[rank::world]
@@ -194,11 +201,6 @@ def main(argv=None):
         common.print0(f"[judge] {len(prompts)} held-out prompts: format {rep['judge/format_rate']:.1%}, unsafe rate on "
                       f"{rep['judge/n_harmful']} harmful prompts {rep['judge/unsafe_rate_harmful']:.1%} (exact judge), "
                       f"helpfulness on benign {rep['judge/helpful_benign']:.2f}/4")
-
-    # 5. save the HF folder (rank 0 gathers the full state dict)
-    if args.save_model:
-        common.save_hf(model, tokenizer, args.output_dir)
-        common.print0(f"[sft] saved {args.output_dir}")
     logger.close()
     common.cleanup_distributed()
 

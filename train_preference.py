@@ -17,9 +17,12 @@ labels of a PKU-SafeRLHF row:
     #   --learning_rate 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 --regularization 0.001
     #   --per_device_train_batch_size 16 --max_length 512 --activation_checkpointing --bf16
 """
+import collections
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,54 +32,50 @@ import common
 
 @dataclass
 class Args:
-    objective: str = "reward"  # reward | cost
+    objective: Literal["reward", "cost"] = "reward"  # helpfulness (eq. 5) or harmlessness (eq. 6)
     # --- data and model
     model_name_or_path: str = "output/sft"  # SFT folder (or any causal-LM / score-model folder)
-    train_data: str = "data/tiny-safety/preference_train.jsonl"
-    eval_data: str = "data/tiny-safety/preference_test.jsonl"
+    train_data: str = "data/tiny-safety/preference_train.jsonl"  # PKU-SafeRLHF rows, or chosen/rejected rows for the reward model
+    eval_data: str = "data/tiny-safety/preference_test.jsonl"  # held-out rows for accuracy ('' = none)
     output_dir: str = ""  # default: output/reward or output/cost
-    max_length: int = 128
-    chat_template: bool = False
-    skip_invalid_rows: bool = False
-    truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (default: drop)
-    trust_remote_code: bool = False
+    max_length: int = 128  # prompt + response tokens per side
+    chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
+    skip_invalid_rows: bool = False  # skip bad rows with a counted warning instead of stopping
+    truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (else they are dropped)
+    trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
     # --- optimisation (the research knobs)
-    loss_type: str = "sequence-wise"  # sequence-wise | token-wise (safe-rlhf's option)
-    regularization: float = 0.001
+    loss_type: Literal["sequence-wise", "token-wise"] = "sequence-wise"  # score at the end, or per token (safe-rlhf's option)
+    regularization: float = 0.001  # coefficient of mean(score^2), keeps scores from drifting (safe-rlhf: 0.001)
     epochs: int = 4  # tiny default; safe-rlhf 7B: 2
-    max_steps: int = -1
+    max_steps: int = -1  # stop after this many optimiser steps (-1: run all epochs)
     per_device_train_batch_size: int = 16  # pairs per rank per micro-batch
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
     global_batch_size: int = 0  # pairs per step; if set, gradient_accumulation_steps = this / (per-device x world)
     learning_rate: float = 5e-4  # tiny default; safe-rlhf 7B: 2e-5
-    weight_decay: float = 0.1
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    weight_decay: float = 0.1  # AdamW weight decay (matrices only)
+    warmup_ratio: float = 0.03  # fraction of the steps with linear warmup, then cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    seed: int = 42  # seed of the data order, head initialisation
     # --- systems
-    bf16: bool = True
-    activation_checkpointing: bool = False
+    bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
+    activation_checkpointing: bool = False  # recompute block activations in backward (long sequences)
     compile: bool = False  # torch.compile each decoder block (for CUDA; also runs on CPU, ~40 s to compile)
     # --- logging and saving
-    log_every: int = 10
-    eval_batch_size: int = 64
-    score_stats_rows: int = 2048  # training rows scored at the end for the mean/std saved in the config
-    wandb_project: str = ""
-    run_name: str = ""
-    overwrite: bool = False
-    save_model: bool = True
+    log_every: int = 10  # optimiser steps between metrics.jsonl rows
+    eval_batch_size: int = 16  # pairs per forward pass in evaluation (2x this many sequences)
+    score_stats_rows: int = 256  # the last training pairs whose scores give the mean/std saved in the config
+    wandb_project: str = ""  # also log to this wandb project ('' = off)
+    run_name: str = ""  # wandb run name ('' = the objective)
+    overwrite: bool = False  # replace a finished run (or an unfinished one's checkpoints) in output_dir
+    save_model: bool = True  # write the trained model as an HF folder at the end
     # --- resume (README "Resuming and failures")
     save_every: int = 0  # optimiser steps between resume checkpoints in output_dir/checkpoints (0: none)
-    keep_last: int = 2
+    keep_last: int = 2  # resume checkpoints kept (older ones are deleted)
     resume: str = field(default="", metadata={"nargs": "?", "const": "auto"})  # --resume: newest checkpoint; or a path
 
 
 def parse_args(argv=None):
     args = common.parse_args(Args, argv)
-    if args.objective not in ("reward", "cost"):
-        raise common.UserError(f"--objective must be reward or cost, got {args.objective!r}")
-    if args.loss_type not in ("sequence-wise", "token-wise"):
-        raise common.UserError(f"--loss_type must be sequence-wise or token-wise, got {args.loss_type!r}")
     args.output_dir = args.output_dir or f"output/{args.objective}"
     args.run_name = args.run_name or args.objective
     return args
@@ -216,21 +215,15 @@ def evaluate(model, pairs, args, pad_id, rank, world, device):
     return out
 
 
-@torch.no_grad()
-def score_statistics(model, pairs, args, pad_id, rank, world, device):
-    """Mean and std of the end scores of (up to score_stats_rows) training responses: saved in the config so a
-    later stage can normalise (RLHF-DETAILS 8)."""
-    model.eval()
-    sub = pairs[:args.score_stats_rows][rank::world]
-    s, s2, n = 0.0, 0.0, 0
-    bs = args.eval_batch_size
-    for i in range(int(common.all_reduce(math.ceil(len(sub) / bs), "max"))):
-        chunk = sub[i * bs:(i + 1) * bs]
-        ids, lengths, _ = make_batch(chunk or sub[:1], pad_id, device)
-        _, end = score_batch(model, ids, lengths)
-        if chunk:
-            s, s2, n = s + end.sum().item(), s2 + (end ** 2).sum().item(), n + end.numel()
-    s, s2, n = common.all_reduce(s), common.all_reduce(s2), common.all_reduce(n)
+def score_statistics(recent):
+    """Mean and std of the end scores of the last score_stats_rows training pairs (both responses of each), read off
+    the training forward passes themselves: no extra pass over the data at the end of a run (on a 135M model on a
+    CPU, re-scoring 256 pairs took ~100 s, more than a short run's training). They are the scores of the last steps'
+    model, saved in the config so a later stage can normalise (RLHF-DETAILS 8). Collective: every rank's window."""
+    t = torch.tensor(list(recent), dtype=torch.float64)
+    s, s2, n = common.all_reduce(torch.stack([t.sum(), (t ** 2).sum(), torch.tensor(float(len(t)))])).tolist()
+    if n == 0:  # a run resumed from its last step trains nothing: no scores to read
+        return 0.0, 1.0
     mean = s / n
     return mean, math.sqrt(max(s2 / n - mean ** 2, 0.0))
 
@@ -243,8 +236,8 @@ def main(argv=None):
     # 1. validate everything up front
     common.check_output_dir(args.output_dir, args.overwrite, args.resume)
     ckpt = common.resolve_resume(args.resume, args.output_dir)
-    train_rows = common.load_rows(args.train_data, args.objective, args.skip_invalid_rows)
-    eval_rows = common.load_rows(args.eval_data, args.objective, args.skip_invalid_rows) if args.eval_data else []
+    train_rows = common.load_rows(args.train_data, args.objective, args.skip_invalid_rows, "--train_data")
+    eval_rows = common.load_rows(args.eval_data, args.objective, args.skip_invalid_rows, "--eval_data") if args.eval_data else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data,
                        args.truncate_long_prompts)
@@ -267,9 +260,12 @@ def main(argv=None):
     opt = common.adamw(model, args.learning_rate, args.weight_decay)
     sched = common.cosine_schedule(opt, int(args.warmup_ratio * total), total)
     start = 0
+    recent = collections.deque(maxlen=max(1, 2 * args.score_stats_rows // world))  # this rank's newest end scores
     if ckpt:
         state = common.load_checkpoint(ckpt, {"model": (model, opt)})
         sched.load_state_dict(state["scheduler"])
+        windows = state.get("score_window", [[]])  # one list per rank of the run that wrote it
+        recent.extend(windows[rank] if len(windows) == world else [x for w in windows for x in w][rank::world])
         start = state["step"]
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if ckpt else None)
@@ -278,11 +274,13 @@ def main(argv=None):
 
     def save(step):
         return common.save_checkpoint(args.output_dir, step, {"model": (model, opt)},
-                                      {**run_state, "scheduler": sched.state_dict()}, keep_last=args.keep_last)
+                                      {**run_state, "scheduler": sched.state_dict(),
+                                       "score_window": common.gather_objects([list(recent)])}, keep_last=args.keep_last)
 
     # 3. train; each step's loss is the mean over the global batch's pairs (every rank holds the same number)
     pad_id = tokenizer.pad_token_id
     bar = common.progress(total=total, initial=start, desc=args.objective)
+    result = {}  # the newest held-out evaluation
     for step in range(start, total):
         epoch = step // steps_per_epoch
         idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
@@ -295,6 +293,7 @@ def main(argv=None):
             loss, hi, lo = batch_loss(model, batch, args)
             (loss / acc).backward()
             loss_sum += loss.item() / acc
+            recent.extend(torch.cat([hi, lo]).detach().float().tolist())  # for score_statistics: no extra pass
             right += ((hi > lo) if args.objective == "reward" else (lo > hi)).float().mean().item() / acc
         tokens = sum(len(train[j][0]) + len(train[j][1]) for j in idx)
         loss_g, acc_g, tokens = (common.all_reduce(torch.tensor([loss_sum, right, tokens])) / world).tolist()
@@ -309,8 +308,9 @@ def main(argv=None):
             logger.log(step, {"train/loss": loss_g, "train/accuracy": acc_g, "train/lr": sched.get_last_lr()[0],
                               "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
             bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
-        if evald and (step % steps_per_epoch == 0 or step == total):
-            logger.log(step, {**evaluate(model, evald, args, pad_id, rank, world, device), "train/epoch": epoch + 1})
+        if evald and step % steps_per_epoch == 0 and step < total:
+            result = evaluate(model, evald, args, pad_id, rank, world, device)
+            logger.log(step, {**result, "train/epoch": epoch + 1})
         saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
         if stop.requested():
             common.StopOnSignal.exit(saved or save(step))
@@ -318,23 +318,24 @@ def main(argv=None):
     bar.close()
     timer.close({"model": (model, opt)})
 
-    # 4. final evaluation -> eval.json; score statistics -> config; save the HF folder
-    result = evaluate(model, evald, args, pad_id, rank, world, device) if evald else {}
-    mean, std = score_statistics(model, train, args, pad_id, rank, world, device)
-    if result:
+    # 4. score statistics (a bounded sample of training pairs) -> config; save the HF folder *before* the final
+    #    evaluation, so a kill during evaluation never loses the trained model; then evaluate once -> eval.json
+    mean, std = score_statistics(recent)
+    if args.save_model:
+        common.save_hf(model, tokenizer, args.output_dir,
+                       extra_config={"score_mean": mean, "score_std": std, "score_objective": args.objective})
+        common.print0(f"[{args.objective}] saved {args.output_dir}")
+    stop.release()  # SIGTERM from here on ends the process at once
+    if evald:
+        result = evaluate(model, evald, args, pad_id, rank, world, device)
         msg = f"[{args.objective}] held-out pairwise accuracy {result['eval/accuracy']:.2%} over {result['eval/n_pairs']} pairs"
         if args.objective == "cost":
             msg += f", sign accuracy (cost > 0 = unsafe) {result['eval/sign_accuracy']:.2%}"
         common.print0(msg)
-    if args.save_model:
-        common.save_hf(model, tokenizer, args.output_dir,
-                       extra_config={"score_mean": mean, "score_std": std, "score_objective": args.objective})
-        if common.is_rank0():
-            import json
-            with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
-                json.dump({**result, "train/score_mean": mean, "train/score_std": std}, f, indent=2)
-        common.print0(f"[{args.objective}] saved {args.output_dir}")
-    logger.log(step, {**result, "train/score_mean": mean, "train/score_std": std}, echo=False)
+    if args.save_model and common.is_rank0():
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+            json.dump({**result, "train/score_mean": mean, "train/score_std": std}, f, indent=2)
+    logger.log(step, {**result, "train/epoch": epoch + 1, "train/score_mean": mean, "train/score_std": std})
     logger.close()
     common.cleanup_distributed()
 

@@ -82,7 +82,7 @@ CASES = {
                                   "p.jsonl: row 2: contradictory labels"),
     "cost label of wrong type": ("train_preference.py", lambda t: ["--objective", "cost", "--train_data", jsonl(t / "p.jsonl", [{**PAIR, "is_response_0_safe": "yes"}])],
                                  "p.jsonl: row 1: field 'is_response_0_safe' must be bool"),
-    "preference unknown objective": ("train_preference.py", lambda t: ["--objective", "safety"], "--objective must be reward or cost"),
+    "preference unknown objective": ("train_preference.py", lambda t: ["--objective", "safety"], "argument --objective: invalid choice: 'safety' (choose from 'reward', 'cost')"),
     "ppo prompt without prompt": ("ppo_lagrangian.py", lambda t: ["--prompt_data", jsonl(t / "q.jsonl", [{"question": "hi"}])],
                                   "q.jsonl: row 1: missing field 'prompt'"),
     "ppo reward model without weights": ("ppo_lagrangian.py", lambda t: [f"--{m}_model_name_or_path=assets/tiny-llama"
@@ -91,7 +91,7 @@ CASES = {
     "ppo batch arithmetic": ("ppo_lagrangian.py", lambda t: ["--per_device_prompt_batch_size", 10,
                                                              "--per_device_train_batch_size", 4],
                              "per_device_prompt_batch_size (10) must be a multiple"),
-    "evaluate unknown task": ("evaluate.py", lambda t: ["--task", "vibes"], "--task must be preference, arena or curves"),
+    "evaluate unknown task": ("evaluate.py", lambda t: ["--task", "vibes"], "argument --task: invalid choice: 'vibes'"),
     "evaluate nonexistent policy": ("evaluate.py", lambda t: ["--policies", f"a={t / 'nope'}"], "nope does not exist"),
 }
 

