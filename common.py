@@ -243,7 +243,7 @@ def is_hub_name(s):
     """`org/name` (optionally `:split` for data): something to fetch from the hub rather than a local path."""
     import re
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:-]+)?", s) is not None \
-        and not s.split(":")[0].endswith((".jsonl", ".gz", ".json", ".parquet"))
+        and not s.split(":")[0].endswith((".jsonl", ".gz", ".json", ".csv", ".parquet"))
 
 
 # the stage that writes each default output folder, for "run X first" hints
@@ -502,6 +502,9 @@ FIELDS = {  # kind -> {field: type}
              "is_response_1_safe": bool, "safer_response_id": int},
 }
 FIELDS["preference"] = {**FIELDS["reward"], **FIELDS["cost"]}
+FIELDS["xstest"] = {"prompt": str, "type": str, "label": str}  # XSTest prompts (evaluate.py --task xstest)
+FIELDS["refusal_labelled"] = {"prompt": str, "completion": str, "final_label": str}  # answers with human labels
+CHOICES = {"label": ("safe", "unsafe"), "final_label": ("1_full_compliance", "2_full_refusal", "3_partial_refusal")}
 
 
 def _read_local(path):
@@ -527,16 +530,20 @@ def _read_local(path):
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON array of rows")
         return list(enumerate(data, 1))
+    if path.endswith(".csv"):  # row N = the N-th data line after the header
+        import csv
+        with open(path, newline="") as f:
+            return list(enumerate(csv.DictReader(f), 1))
     if path.endswith(".parquet"):
         import datasets
         return list(enumerate(datasets.load_dataset("parquet", data_files=path, split="train"), 1))
-    raise UserError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .json or .parquet)")
+    raise UserError(f"{path}: unsupported file type (use .jsonl, .jsonl.gz, .json, .csv or .parquet)")
 
 
 def _read_spec(spec, flag):
     spec = spec.strip()
     if os.path.isdir(spec):
-        files = sorted(f for ext in ("jsonl", "jsonl.gz", "json", "parquet") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
+        files = sorted(f for ext in ("jsonl", "jsonl.gz", "json", "csv", "parquet") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
         if not files:
             raise UserError(f"{spec}: folder holds no .jsonl/.json/.parquet file")
         return [(f, r) for f in files for r in [_read_local(f)]]
@@ -601,6 +608,8 @@ def validate_row(row, kind):
             return f"field '{field}' must be 0 or 1, got {v!r}"
         if typ is str and not v.strip():
             return f"field '{field}' is empty"
+        if field in CHOICES and kind in ("xstest", "refusal_labelled") and v not in CHOICES[field]:
+            return f"field '{field}' must be one of {', '.join(CHOICES[field])}, got {v!r}"
     if "response_0" in FIELDS[kind] and row["response_0"].strip() == row["response_1"].strip():
         return "response_0 and response_1 are identical"
     if "safer_response_id" in FIELDS[kind]:

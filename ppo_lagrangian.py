@@ -33,6 +33,8 @@ import common
 @dataclass
 class Args:
     algo: Literal["ppo_lag", "ppo", "reward_shaping"] = "ppo_lag"  # Safe RLHF, the RLHF baseline, or fixed-ν R − ν·C
+    adv_estimator: Literal["gae", "grpo", "rloo"] = "gae"  # gae: two critics; grpo/rloo: group baselines, no critic
+    samples_per_prompt: int = 1  # responses sampled per prompt in a rollout (G; >= 2 for grpo/rloo; a group stays on one rank)
     # --- models (critics default to the score models they are initialised from)
     actor_model_name_or_path: str = "output/sft"  # the SFT policy: actor and frozen reference
     reward_model_name_or_path: str = "output/reward"  # trained reward model (train_preference.py --objective reward)
@@ -146,6 +148,34 @@ def mixed_advantage(adv_r, adv_c, lam):
     """(A_r − λ·A_c)/(1 + λ): the actor's advantage under the Lagrangian, rescaled so its size does not grow
     with λ (safe-rlhf). λ is a detached number."""
     return (adv_r - lam * adv_c) / (1.0 + lam)
+
+
+def grpo_advantages(scores, group_size, eps=1e-6):
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): the G responses
+    to one prompt are consecutive in `scores` [N]; A_i = (s_i − mean_g) / (std_g + eps), std with Bessel's correction
+    (as TRL). A group of equal scores has std 0 and gets A = 0, never NaN. -> [N]."""
+    g = scores.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+
+
+def rloo_advantages(scores, group_size):
+    """RLOO's leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics", eq. 5; Kool et al. 2019):
+    A_i = s_i − mean_{j≠i} s_j = G/(G−1) · (s_i − mean_g): unbiased, no critic, no scaling. -> [N]."""
+    g = scores.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) * group_size / (group_size - 1)).view(-1)
+
+
+def stream_advantages(signal_t, values, mask, args):
+    """One stream's advantages and returns, [B, T] each. gae: GAE on the per-token signal with the stream's critic
+    values (common.gae). grpo/rloo (no critic, no returns: None): the sequence score is the per-token signal summed,
+    R − β·Σ_t kl_t (or C + β·Σ_t kl_t), compared within its group of samples_per_prompt responses to the same prompt;
+    every response token gets its sequence's advantage. With the ±β·kl split the KL weight in the mixed advantage is
+    exactly β for rloo (linear in the scores); grpo divides each stream by its own group std, so it is β up to that
+    scale."""
+    if args.adv_estimator == "gae":
+        return common.gae(signal_t, values, mask, args.gamma, args.gae_lambda)
+    estimate = grpo_advantages if args.adv_estimator == "grpo" else rloo_advantages
+    return estimate(signal_t.sum(-1), args.samples_per_prompt)[:, None] * mask, None
 
 
 def whiten(x, mask, eps=1e-8):
@@ -283,23 +313,29 @@ def main(argv=None):
     if args.max_length and args.max_prompt_length >= args.max_length:
         raise common.UserError(f"--max_prompt_length {args.max_prompt_length} leaves no room for a response within "
                                f"--max_length {args.max_length}")
-    if B % mb or mb % acc:
-        raise common.UserError(f"per_device_prompt_batch_size ({B}) must be a multiple of per_device_train_batch_size "
-                               f"({mb}), itself a multiple of gradient_accumulation_steps ({acc})")
+    G = args.samples_per_prompt
+    N = B * G  # responses per rank per rollout
+    critic = args.adv_estimator == "gae"  # grpo/rloo: no critic is built, trained or checkpointed
+    if G < 1 or (not critic and G < 2):
+        raise common.UserError(f"--adv_estimator {args.adv_estimator} compares the responses to one prompt: "
+                               f"--samples_per_prompt must be >= 2, got {G}")
+    if N % mb or mb % acc:
+        raise common.UserError(f"per_device_prompt_batch_size x samples_per_prompt ({B} x {G}) must be a multiple of "
+                               f"per_device_train_batch_size ({mb}), itself a multiple of gradient_accumulation_steps ({acc})")
     rows = common.load_rows(args.prompt_data, "prompt", flag="--prompt_data")
     prompts_text = list(dict.fromkeys(r["prompt"] for r in rows))  # duplicates removed, order kept
     eval_prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.eval_prompt_data, "prompt", flag="--eval_prompt_data"))) \
         if args.eval_prompt_data else []
     ptx_rows = common.load_rows(args.ptx_data, "sft", flag="--ptx_data") if args.ptx_data else []
     judge = common.load_judge(args.judge, args.prompt_data)
-    for flag in ["actor", "reward", "reward_critic"] + (["cost", "cost_critic"] if use_cost else []):
+    for flag in ["actor", "reward"] + ["reward_critic"] * critic + (["cost"] + ["cost_critic"] * critic if use_cost else []):
         common._check_model_path(getattr(args, f"{flag}_model_name_or_path"), f"--{flag}_model_name_or_path")
     for what, path in [("reward", args.reward_model_name_or_path)] + ([("cost", args.cost_model_name_or_path)] if use_cost else []):
         if os.path.isdir(path) and not common.has_weights(path):  # a seeded random scorer is never what one wants here
             raise common.UserError(f"{what} model folder {path} has no weights (*.safetensors): train it with train_preference.py")
     tokenizer = common.load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
     tokenizers = {"actor": tokenizer}  # + a score model's own tokenizer where it differs (text round trip)
-    for name in ["reward", "reward_critic"] + (["cost", "cost_critic"] if use_cost else []):
+    for name in ["reward"] + ["reward_critic"] * critic + (["cost"] + ["cost_critic"] * critic if use_cost else []):
         path = getattr(args, f"{name}_model_name_or_path")
         own = common.load_tokenizer(path, args.trust_remote_code) if common.has_tokenizer(path) else tokenizer
         if common.same_tokenizer(own, tokenizer):
@@ -325,9 +361,11 @@ def main(argv=None):
                                    args.chat_template, args.ptx_data) if ptx_rows else []
     steps_per_epoch = len(prompts) // (B * world)
     total = min(args.max_steps, steps_per_epoch * args.epochs) if args.max_steps > 0 else steps_per_epoch * args.epochs
-    common.print0(f"[{args.algo}] world {world}, rollout {B * world} prompts/step, {B // mb * args.ppo_epochs} optimiser "
-                  f"steps/rollout, {total} rollouts, threshold d={args.threshold}")
+    common.print0(f"[{args.algo}] world {world}, rollout {B * world} prompts x {G} samples/step, {N // mb * args.ppo_epochs} "
+                  f"optimiser steps/rollout, {total} rollouts, advantages {args.adv_estimator}, threshold d={args.threshold}")
     run_state = {"stage": args.algo, "global_batch": B * world, "n_prompts": len(prompts), "seed": args.seed}
+    if not critic or G > 1:  # a checkpoint of another estimator or group size holds other models or another batch
+        run_state.update(adv_estimator=args.adv_estimator, samples_per_prompt=G)
     if ckpt:
         common.checkpoint_state(ckpt, expect=run_state)  # before any weights are read
 
@@ -346,20 +384,21 @@ def main(argv=None):
     models = {"actor": build("lm", args.actor_model_name_or_path, True),
               "ref": build("lm", args.actor_model_name_or_path, False),
               "reward": build("score", args.reward_model_name_or_path, False, tokenizers.get("reward")),
-              "reward_critic": build("score", args.reward_critic_model_name_or_path, True),
+              "reward_critic": build("score", args.reward_critic_model_name_or_path, True) if critic else None,
               "cost": build("score", args.cost_model_name_or_path, False, tokenizers.get("cost")) if use_cost else None,
-              "cost_critic": build("score", args.cost_critic_model_name_or_path, True) if args.algo == "ppo_lag" else None}
+              "cost_critic": build("score", args.cost_critic_model_name_or_path, True)
+              if args.algo == "ppo_lag" and critic else None}
     reward_std = getattr(models["reward"].config, "score_std", 1.0) if args.normalize_reward else 1.0
     cost_std = getattr(models["cost"].config, "score_std", 1.0) if args.normalize_cost and use_cost else 1.0
 
     critic_wd = args.weight_decay if args.critic_weight_decay is None else args.critic_weight_decay
-    opts = {"actor": common.adamw(models["actor"], args.actor_lr, args.weight_decay),  # betas (0.9, 0.95): RLHF-DETAILS 18
-            "reward_critic": common.adamw(models["reward_critic"], args.critic_lr, critic_wd)}
-    if models["cost_critic"] is not None:
-        opts["cost_critic"] = common.adamw(models["cost_critic"], args.critic_lr, critic_wd)
+    opts = {"actor": common.adamw(models["actor"], args.actor_lr, args.weight_decay)}  # betas (0.9, 0.95): RLHF-DETAILS 18
+    for name in ("reward_critic", "cost_critic"):
+        if models[name] is not None:
+            opts[name] = common.adamw(models[name], args.critic_lr, critic_wd)
     # learning-rate schedules over all optimiser steps of the run: linear warmup, then constant or cosine (safe-rlhf:
     # 3% warmup, cosine for the actor, constant for the critics); "constant" without warmup leaves every lr as set
-    opt_steps = total * (B // mb) * args.ppo_epochs
+    opt_steps = total * (N // mb) * args.ppo_epochs
     kinds = {"actor": args.lr_scheduler_type}
     scheds = {name: common.cosine_schedule(o, int(args.warmup_ratio * opt_steps), opt_steps,
                                            kind=kinds.get(name, args.critic_lr_scheduler_type or args.lr_scheduler_type))
@@ -432,11 +471,12 @@ def main(argv=None):
     for step in range(start, total):
         idx = common.batch_indices(len(prompts), B * world, rank, world, args.seed, step, steps_per_epoch)
         # ---- 1-2. generate and cut after EOS
+        idx = [i for i in idx for _ in range(G)]  # G responses per prompt, consecutive: a group stays on this rank
         batch = rollout(models["actor"], [prompts[i] for i in idx], tokenizer, args, device, gen)
         mask, lens = batch["mask"], batch["lens"]
         timer.lap("generate")
         # ---- 3. score: one batched no-grad pass per model
-        s = score_rollout(batch, models, args, tokenizers)
+        s = score_rollout(batch, models, args, tokenizers, with_values=critic)
         common.check_finite({k: s[k] for k in ("reward", "cost", "old_logp", "ref_logp") if k in s}, f"rollout {step + 1}")
         reward, cost = s["reward"] / reward_std, (s["cost"] / cost_std if "cost" in s else None)
         no_eos = ~batch["has_eos"]
@@ -457,10 +497,10 @@ def main(argv=None):
             lam = lagrange.update(episode_cost, args.threshold)
             lambda_history.append(lam)
         timer.lap("lambda")
-        # ---- 6. GAE per stream (returns before any whitening), then the mixed advantage
-        adv_r, ret_r = common.gae(rewards_t, s["reward_values"], mask, args.gamma, args.gae_lambda)
+        # ---- 6. advantages per stream (GAE, or group-relative without a critic), then the mixed advantage
+        adv_r, ret_r = stream_advantages(rewards_t, s.get("reward_values"), mask, args)
         if args.algo == "ppo_lag":
-            adv_c, ret_c = common.gae(costs_t, s["cost_values"], mask, args.gamma, args.gae_lambda)
+            adv_c, ret_c = stream_advantages(costs_t, s.get("cost_values"), mask, args)
             if args.whiten_advantages:
                 adv_r, adv_c = whiten(adv_r, mask), whiten(adv_c, mask)
             advantages = mixed_advantage(adv_r, adv_c, lam)
@@ -471,8 +511,8 @@ def main(argv=None):
         stats = collections.defaultdict(list)
         ids_all, attn_all, pos_all, P = batch["seq"], batch["attn"], batch["pos"], batch["P"]
         for ppo_epoch in range(args.ppo_epochs):
-            order = torch.randperm(B, generator=ptx_gen) if ppo_epoch else torch.arange(B)
-            for m0 in range(0, B, mb):
+            order = torch.randperm(N, generator=ptx_gen) if ppo_epoch else torch.arange(N)
+            for m0 in range(0, N, mb):
                 mb_idx = order[m0:m0 + mb]
                 for name in opts:
                     opts[name].zero_grad(set_to_none=True)
@@ -494,9 +534,11 @@ def main(argv=None):
                         loss = loss + args.ptx_coeff * ptx_loss
                         stats["train/ptx_loss"].append(ptx_loss.item())
                     (loss / acc).backward()
-                    vr = critic_values(models["reward_critic"], ids, attn, pos, P)
-                    r_loss = critic_loss(vr, s["reward_values"][j], ret_r[j], msk, args.clip_range_value)
-                    (r_loss / acc).backward()
+                    if models["reward_critic"] is not None:
+                        vr = critic_values(models["reward_critic"], ids, attn, pos, P)
+                        r_loss = critic_loss(vr, s["reward_values"][j], ret_r[j], msk, args.clip_range_value)
+                        (r_loss / acc).backward()
+                        stats["train/reward_critic_loss"].append(r_loss.item())
                     if models["cost_critic"] is not None:
                         vc = critic_values(models["cost_critic"], ids, attn, pos, P)
                         c_loss = critic_loss(vc, s["cost_values"][j], ret_c[j], msk, args.clip_range_value)
@@ -504,7 +546,6 @@ def main(argv=None):
                         stats["train/cost_critic_loss"].append(c_loss.item())
                     with torch.no_grad():
                         stats["train/actor_loss"].append(a_loss.item())
-                        stats["train/reward_critic_loss"].append(r_loss.item())
                         stats["train/approx_kl"].append(common.masked_mean(0.5 * (logp - s["old_logp"][j]) ** 2, msk).item())
                         stats["train/clip_fraction"].append(common.masked_mean(((ratio - 1).abs() > args.clip_ratio).float(), msk).item())
                         stats["train/ratio_max_deviation"].append(((ratio - 1).abs() * msk).max().item())
@@ -529,8 +570,9 @@ def main(argv=None):
                  "train/kl_divergence": masked_sum_mean(kl, mask).item(), "train/entropy": s["entropy"].item(),
                  "train/mean_generated_length": lens.float().mean().item(), "train/eos_fraction": batch["has_eos"].float().mean().item(),
                  "train/reward_advantage": common.masked_mean(adv_r, mask).item(),
-                 "train/reward_return": common.masked_mean(ret_r, mask).item(),
-                 "train/reward_value_explained_variance": explained_variance(s["reward_values"], ret_r, mask),
+                 **({"train/reward_return": common.masked_mean(ret_r, mask).item(),
+                     "train/reward_value_explained_variance": explained_variance(s["reward_values"], ret_r, mask)}
+                    if critic else {}),
                  **{k: sum(v) / len(v) for k, v in stats.items() if k != "train/ratio_max_deviation"}}
             if args.algo == "reward_shaping":
                 m["train/shaped_reward"] = reward.mean().item()  # R − ν·C, the score the reward stream used
@@ -541,7 +583,7 @@ def main(argv=None):
             m = dict(zip(keys, (common.all_reduce(torch.tensor([m[k] for k in keys])) / world).tolist()))
             m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
             m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
-            m["train/actor_lr"], m["train/critic_lr"] = scheds["actor"].get_last_lr()[0], scheds["reward_critic"].get_last_lr()[0]
+            m.update({f"train/{name.split('_')[-1]}_lr": sc.get_last_lr()[0] for name, sc in scheds.items()})  # actor, critic
             if args.algo == "ppo_lag":
                 m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
             if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)

@@ -46,7 +46,7 @@ fi
 if [ "$SCALE" = smoke ]; then  # CPU: a few steps of short sequences
   SFT_FLAGS="--max_steps 6 --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5"
   RM_FLAGS="--max_steps 10 --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5"
-  CM_FLAGS="--max_steps 40 --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --eval_batch_size 8"
+  CM_FLAGS="--max_steps 80 --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --eval_batch_size 8"
   PPO_FLAGS="--max_steps 4 --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 48
              --max_prompt_length 128 --eval_every 0 --eval_samples_per_prompt 1 --actor_lr 1e-6 --critic_lr 5e-6
              --kl_coeff 0.01 --threshold 0.0"
@@ -62,9 +62,11 @@ else  # one GPU: the paper's scale of steps for a small model
   ARENA_FLAGS="--samples_per_prompt 1 --max_new_tokens 256 --max_length 768 --batch_size 16"
   EVAL_LIMIT=0
 fi
-if [ "$EVAL_LIMIT" -gt 0 ] && [ -z "${DATA:-}" ]; then
+if [ "$EVAL_LIMIT" -gt 0 ] && [ -z "${DATA:-}" ]; then  # smoke: 16 held-out prompts, 200 held-out cost pairs
   head -n "$EVAL_LIMIT" "$EVAL_PROMPTS" > output/real-data/prompts_eval_small.jsonl
   EVAL_PROMPTS=output/real-data/prompts_eval_small.jsonl
+  head -n 200 "$CM_EVAL" > output/real-data/cost_eval_small.jsonl
+  CM_EVAL=output/real-data/cost_eval_small.jsonl
 fi
 C="--chat_template"
 set -x

@@ -90,7 +90,7 @@ CASES = {
                                          "reward model folder assets/tiny-llama has no weights"),
     "ppo batch arithmetic": ("ppo_lagrangian.py", lambda t: ["--per_device_prompt_batch_size", 10,
                                                              "--per_device_train_batch_size", 4],
-                             "per_device_prompt_batch_size (10) must be a multiple"),
+                             "per_device_prompt_batch_size x samples_per_prompt (10 x 1) must be a multiple"),
     "evaluate unknown task": ("evaluate.py", lambda t: ["--task", "vibes"], "argument --task: invalid choice: 'vibes'"),
     "evaluate nonexistent policy": ("evaluate.py", lambda t: ["--policies", f"a={t / 'nope'}"], "nope does not exist"),
 }

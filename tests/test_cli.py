@@ -17,9 +17,12 @@ import common
 from conftest import REAL, ROOT, main_inprocess, metrics, run
 
 STAGES = ["sft", "train_preference", "ppo_lagrangian", "evaluate"]
-ENUMS = {"ppo_lagrangian": {"algo": ["ppo_lag", "ppo", "reward_shaping"], "lagrangian": ["gradient", "pid"]},
+ENUMS = {"ppo_lagrangian": {"algo": ["ppo_lag", "ppo", "reward_shaping"], "lagrangian": ["gradient", "pid"],
+                            "adv_estimator": ["gae", "grpo", "rloo"], "lr_scheduler_type": ["constant", "cosine"],
+                            "critic_lr_scheduler_type": ["", "constant", "cosine"]},
          "train_preference": {"objective": ["reward", "cost"], "loss_type": ["sequence-wise", "token-wise"]},
-         "evaluate": {"task": ["preference", "arena", "curves"], "objective": ["", "reward", "cost"]}}
+         "evaluate": {"task": ["preference", "arena", "curves", "xstest", "refusal_agreement"],
+                      "objective": ["", "reward", "cost"]}}
 HH = os.path.join(REAL, "hh-rlhf_harmless-base_test.jsonl.gz")
 
 
@@ -112,7 +115,10 @@ def test_trl_prompt_chosen_rejected_rows(tmp_path):
 
 def test_reward_model_trains_on_real_hh_rlhf_rows(tmp_path):
     out = tmp_path / "rm"
-    run("train_preference.py", "--objective", "reward", "--model_name_or_path", "assets/tiny-llama", "--train_data", HH,
+    sub = tmp_path / "hh600.jsonl"  # the first 600 real rows (one of them invalid): keeps the suite fast
+    with gzip.open(HH, "rt") as f:
+        sub.write_text("".join(next(f) for _ in range(600)))
+    run("train_preference.py", "--objective", "reward", "--model_name_or_path", "assets/tiny-llama", "--train_data", sub,
         "--skip_invalid_rows", "--truncate_long_prompts", "--max_length", 192, "--max_steps", 12, "--log_every", 1,
         "--per_device_train_batch_size", 8, "--learning_rate", 1e-3, "--warmup_ratio", 0, "--eval_data", "",
         "--output_dir", out)
