@@ -2,7 +2,7 @@
 # The whole pipeline on a real chat model: SFT -> reward model -> cost model -> PPO-Lagrangian -> arena, with the
 # model's own chat template (--chat_template) and pad == EOS, on real preference rows. Default: SmolLM2-135M-Instruct
 # (python scripts/get_smollm2.py) and the offline rows in ../shared/data/real, in a smoke setting that finishes on a
-# 2-core CPU in about 15 minutes. README "A real chat model" has the measured numbers and the settings of a real run.
+# 2-core CPU in about 20 minutes. README "A real chat model" has the measured numbers and the settings of a real run.
 #
 #   pip install -r requirements-real.txt && python scripts/get_smollm2.py    # once: the model, ~30 s
 #   bash scripts/pipeline_real.sh                                            # smoke setting (CPU)

@@ -79,3 +79,27 @@ def test_critic_free_two_ranks_same_lambda_and_bitwise_resume(score_models, sft_
     a, b = metrics(full), metrics(resumed)
     assert [r for r in a if r["step"] > 2] == [r for r in b if r["step"] > 2]
     assert json.load(open(full / "lambda.json"))["state"] == json.load(open(resumed / "lambda.json"))["state"]
+
+
+def test_critic_free_nan_stop_and_reward_shaping(score_models, sft_model, tmp_path, monkeypatch):
+    """The NaN stop and --algo reward_shaping with a critic-free estimator."""
+    import ppo_lagrangian
+    from conftest import main_inprocess
+    sft, _ = sft_model
+    rm, cm = score_models
+    m = ["--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
+    code, _, err = main_inprocess("ppo_lagrangian.py", *m, *CRITIC_FREE, "--adv_estimator", "rloo", "--algo",
+                                  "reward_shaping", "--max_steps", 2, "--output_dir", tmp_path / "shaping")
+    assert code in (0, None), err[-2000:]
+    rows = [r for r in metrics(tmp_path / "shaping") if "train/shaped_reward" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["train/shaped_reward"]) for r in rows)
+    scores, calls = ppo_lagrangian.end_scores, []
+
+    def nan_in_rollout_2(*a):
+        calls.append(1)
+        out = scores(*a)
+        return out * float("nan") if len(calls) == 3 else out  # calls 1-2: rollout 1 (reward, cost)
+
+    monkeypatch.setattr(ppo_lagrangian, "end_scores", nan_in_rollout_2)
+    code, _, err = main_inprocess("ppo_lagrangian.py", *m, *CRITIC_FREE, "--max_steps", 3, "--output_dir", tmp_path / "nan")
+    assert code == 1 and "non-finite reward at rollout 2" in err.strip().splitlines()[-1], err[-2000:]
