@@ -421,10 +421,12 @@ def convert_beaver_score_state_dict(state_dict):
     return out, stats
 
 
-def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch.float32):
+def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=torch.float32, cost_groups=None):
     """AutoModelForTokenClassification with one label: a score per token (DESIGN.md §4). Loads from a score
     model folder, from a causal-LM folder (head freshly initialised with `seed`), or from a safe-rlhf
-    LlamaForScore folder (Beaver reward/cost models; converted with convert_beaver_score_state_dict)."""
+    LlamaForScore folder (Beaver reward/cost models; converted with convert_beaver_score_state_dict).
+    Several constraints: a cost model with `cost_groups` [[name, [categories]], ...] in its config has one output per
+    group (num_labels = K); `cost_groups` here builds such a head on a model that has none (train_preference.py)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForTokenClassification
     _check_model_path(path)
@@ -433,7 +435,16 @@ def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=tor
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load a score model from {path}: {_first_line(e)}") from None
-    config.num_labels = 1
+    have = getattr(config, "cost_groups", None)
+    if cost_groups and have and [list(g) for g in have] != [list(g) for g in cost_groups]:
+        raise UserError(f"{path} already has cost groups {[g[0] for g in have]}; --cost_categories asks for "
+                        f"{[g[0] for g in cost_groups]} (start from the SFT model to train new heads)")
+    if cost_groups and not have:
+        config.cost_groups = [list(g) for g in cost_groups]
+    config.num_labels = len(getattr(config, "cost_groups", None) or [0])  # one score per cost group, else one
+    if getattr(config, "cost_groups", None):
+        config.id2label = {i: g[0] for i, g in enumerate(config.cost_groups)}
+        config.label2id = {g[0]: i for i, g in enumerate(config.cost_groups)}
     config.classifier_dropout = 0.0  # HF's head dropout is 0.1 by default: off for score models
     arch = (getattr(config, "architectures", None) or [""])[0]
     torch.manual_seed(seed)
@@ -459,6 +470,17 @@ def load_score_model(path, tokenizer, seed=0, trust_remote_code=False, dtype=tor
                                                                 trust_remote_code=trust_remote_code)
     _resize(model, tokenizer)
     return disable_dropout(model)
+
+
+def cost_groups_of(path, trust_remote_code=False):
+    """The cost groups [(name, [categories])] a cost model was trained with (train_preference.py --cost_categories
+    writes them into its config), or [] for a model with one overall cost."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return []  # load_score_model says why, in one line
+    return [(g[0], list(g[1])) for g in getattr(config, "cost_groups", None) or []]
 
 
 def full_state_dict(model):
@@ -505,6 +527,62 @@ FIELDS["preference"] = {**FIELDS["reward"], **FIELDS["cost"]}
 FIELDS["xstest"] = {"prompt": str, "type": str, "label": str}  # XSTest prompts (evaluate.py --task xstest)
 FIELDS["refusal_labelled"] = {"prompt": str, "completion": str, "final_label": str}  # answers with human labels
 CHOICES = {"label": ("safe", "unsafe"), "final_label": ("1_full_compliance", "2_full_refusal", "3_partial_refusal")}
+# several constraints (train_preference.py --cost_categories): PKU-SafeRLHF v1's per-response harm fields
+FIELDS["cost_groups"] = {**FIELDS["cost"], "response_0_harm_category": dict, "response_1_harm_category": dict}
+FIELDS["cost_severity"] = {**FIELDS["cost_groups"], "response_0_severity_level": int, "response_1_severity_level": int}
+HARM_CATEGORIES = (  # PKU-SafeRLHF v1's 19 harm categories, in its order
+    "Endangering National Security", "Insulting Behavior", "Discriminatory Behavior", "Endangering Public Health",
+    "Copyright Issues", "Violence", "Drugs", "Privacy Violation", "Economic Crime", "Mental Manipulation",
+    "Human Trafficking", "Physical Harm", "Sexual Content", "Cybercrime", "Disrupting Public Order",
+    "Environmental Damage", "Psychological Harm", "White-Collar Crime", "Animal Abuse")
+
+
+def parse_cost_groups(spec):
+    """--cost_categories -> [(name, [categories])] (the order of the cost model's outputs), or [] for one overall cost.
+    Comma-separated groups, each `name=Category A+Category B` or one category name (the group is named after it);
+    `all` alone = the 19 categories, one group each; `all` inside a group = every category."""
+    groups = []
+    for item in [x.strip() for x in spec.split(",") if x.strip()]:
+        if item == "all":
+            groups += [(c, [c]) for c in HARM_CATEGORIES]
+            continue
+        name, eq, cats = item.partition("=")
+        name, cats = name.strip(), [c.strip() for c in (cats if eq else item).split("+") if c.strip()]
+        cats = list(HARM_CATEGORIES) if cats == ["all"] else cats
+        bad = [c for c in cats if c not in HARM_CATEGORIES]
+        if bad or not cats or not name:
+            raise UserError(f"--cost_categories: {item!r}: unknown category {bad[0]!r} (the 19 PKU-SafeRLHF v1 names: "
+                            f"{', '.join(HARM_CATEGORIES)})" if bad else f"--cost_categories: {item!r} names no category")
+        groups.append((name, cats))
+    names = [g[0] for g in groups]
+    if len(set(names)) != len(names):
+        raise UserError(f"--cost_categories: a group name appears twice: {names}")
+    return groups
+
+
+def group_labels(row, i, groups):
+    """Is response i harmful in each group? -> [bool] * K (any of the group's categories is flagged)."""
+    flags = row[f"response_{i}_harm_category"]
+    return [any(flags[c] for c in cats) for _, cats in groups]
+
+
+def _check_harm_fields(row):
+    """The v1 harm fields of a row: 19 booleans per response, none set on a response flagged safe, severity 0-3."""
+    for i in (0, 1):
+        flags = row[f"response_{i}_harm_category"]
+        missing = [c for c in HARM_CATEGORIES if c not in flags]
+        if missing:
+            return f"response_{i}_harm_category lacks the category '{missing[0]}'"
+        bad = [c for c in HARM_CATEGORIES if not isinstance(flags[c], bool)]
+        if bad:
+            return f"response_{i}_harm_category['{bad[0]}'] must be true or false, got {flags[bad[0]]!r}"
+        on = [c for c in HARM_CATEGORIES if flags[c]]
+        if row[f"is_response_{i}_safe"] and on:
+            return f"response_{i} is flagged safe but harmful in '{on[0]}'"
+        key = f"response_{i}_severity_level"
+        if key in row and (isinstance(row[key], bool) or row[key] not in (0, 1, 2, 3)):
+            return f"field '{key}' must be 0, 1, 2 or 3, got {row[key]!r}"
+    return None
 
 
 def _read_local(path):
@@ -600,6 +678,8 @@ def validate_row(row, kind):
         if field not in row or row[field] is None:
             return f"missing field '{field}'"
         v = row[field]
+        if field.endswith("severity_level"):
+            continue  # 0-3: _check_harm_fields
         if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
             return f"field '{field}' must be 0 or 1, got {v!r}"
         if typ is not int and not isinstance(v, typ):
@@ -617,6 +697,8 @@ def validate_row(row, kind):
         if not row[f"is_response_{s}_safe"] and row[f"is_response_{1 - s}_safe"]:
             return (f"contradictory labels: safer_response_id={s} but response_{s} is flagged unsafe and "
                     f"response_{1 - s} safe")
+    if "response_0_harm_category" in FIELDS[kind]:
+        return _check_harm_fields(row)
     return None
 
 
@@ -1348,15 +1430,33 @@ def gather_objects(objs):
     return [o for p in parts for o in p]
 
 
-def judge_report(judge, prompts, responses):
-    """Exact-judge metrics of a synthetic task: format rate, helpfulness, unsafe rate on harmful prompts."""
+def judge_group_items(judge, prompts, responses, categories):
+    """One cost group's exact-judge items on the prompts of the group's tasks -> three lists: harmful *in the group's
+    categories* (what the group's constraint bounds; an answer that swaps in another group's harmful steps is not
+    counted), harmful in any category, helpfulness."""
+    cats = set(categories)
+    sel = [(p, r) for p, r in zip(prompts, responses) if judge.prompt_categories(p) & cats]
+    return ([float(bool(judge.response_categories(r) & cats)) for _, r in sel],
+            [float(judge.is_unsafe(p, r)) for p, r in sel], [judge.helpful_score(p, r) for p, r in sel])
+
+
+def judge_report(judge, prompts, responses, groups=None):
+    """Exact-judge metrics of a synthetic task: format rate, helpfulness, unsafe rate on harmful prompts; with cost
+    `groups` [(name, [categories])], per group on the prompts of that group's tasks (judge_group_items): the unsafe rate
+    in the group's categories, the rate of any harm, the helpfulness."""
     harmful = [judge.is_harmful_prompt(p) for p in prompts]
     unsafe = [judge.is_unsafe(p, r) for p, r in zip(prompts, responses)]
     helpful = [judge.helpful_score(p, r) for p, r in zip(prompts, responses)]
     valid = [judge.parse_response(r)[0] != "invalid" for r in responses]
     nh = sum(harmful)
     nb = len(prompts) - nh
+    per_group = {}
+    for name, cats in groups or []:
+        items = judge_group_items(judge, prompts, responses, cats)
+        for key, xs in zip(("unsafe_rate", "any_harm_rate", "helpful"), items):
+            per_group[f"judge/{key}/{name}"] = sum(xs) / max(1, len(xs))
     return {
+        **per_group,
         "judge/format_rate": sum(valid) / len(prompts),
         "judge/unsafe_rate_harmful": sum(u for u, h in zip(unsafe, harmful) if h) / max(1, nh),
         "judge/unsafe_rate": sum(unsafe) / len(prompts),

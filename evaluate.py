@@ -56,6 +56,7 @@ class Args:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
     judge: str = "auto"  # exact judge (module in data/); auto: on when --prompt_data is the tiny task's; '' = off
+    cost_categories: str = ""  # groups for the judge's per-group rates ('' = the cost model's groups, if it has any)
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
     # --- xstest (over-refusal) and refusal_agreement (the refusal detector against human labels)
     xstest_data: str = ""  # XSTest prompts: CSV/JSONL with prompt, type, label (safe|unsafe) columns, or a hub dataset
@@ -105,10 +106,11 @@ def answer_ids(tokenizer, prompt, text, generated, policy_tokenizer, args, same_
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, responses, args, device, generated=None, policy_tokenizer=None):
+def score_texts(model, tokenizer, prompts, responses, args, device, generated=None, policy_tokenizer=None, heads=False):
     """End scores (at the last response token) of this rank's (prompt, response) pairs; same number of forward
     passes on every rank. generated: the arena's [(prompt ids, response ids)] per answer (see answer_ids); None for
-    preference rows, which are whole answers (EOS appended)."""
+    preference rows, which are whole answers (EOS appended). heads: every output of a grouped cost model, a list of K
+    scores per answer."""
     model.eval()
     same = policy_tokenizer is not None and common.same_tokenizer(tokenizer, policy_tokenizer)  # once, not per answer
     seqs = [answer_ids(tokenizer, p, r, generated[i] if generated else None, policy_tokenizer, args, same)
@@ -118,9 +120,9 @@ def score_texts(model, tokenizer, prompts, responses, args, device, generated=No
     for i in range(n):
         chunk = seqs[i * args.batch_size:(i + 1) * args.batch_size]
         ids, lengths = common.pad(chunk or seqs[:1], tokenizer.pad_token_id)
-        scores = model(input_ids=ids.to(device)).logits[..., 0].float()
-        end = scores.gather(1, (lengths.to(device) - 1)[:, None]).squeeze(1)
-        out += end[:len(chunk)].tolist()
+        logits = model(input_ids=ids.to(device)).logits.float()
+        end = logits[torch.arange(len(ids)), lengths.to(device) - 1]  # [n, K]
+        out += (end if heads else end[:, 0])[:len(chunk)].tolist()
     return out
 
 
@@ -154,7 +156,9 @@ def task_preference(args, rank, world, device):
     mine = rows[rank::world]
     p = [r["prompt"] for r in mine for _ in (0, 1)]
     resp = [r[f"response_{i}"] for r in mine for i in (0, 1)]
-    scores = common.gather_objects(score_texts(model, tok, p, resp, args, device))
+    heads = bool(common.cost_groups_of(args.model_name_or_path, args.trust_remote_code))  # grouped: the overall max_k C_k
+    scores = [max(h) if heads else h for h in common.gather_objects(score_texts(model, tok, p, resp, args, device,
+                                                                                heads=heads))]
     rows = common.gather_objects(mine)
     result = {"objective": objective, "n_pairs": len(rows)}
     hi = [scores[2 * k + r[hi_key]] for k, r in enumerate(rows)]
@@ -196,6 +200,20 @@ def task_preference(args, rank, world, device):
     return result
 
 
+def group_rates(prompts, answers, heads, model_groups, groups, judge, B):
+    """Per cost group: the cost model's unsafe rate (its head > 0, over all answers) and, with the exact judge, the unsafe
+    rate and helpfulness on the prompts of the group's tasks (bootstrap CIs). -> {group: {...}}."""
+    out = {}
+    for k, (g, _) in enumerate(model_groups if heads else []):
+        out.setdefault(g, {})["model_unsafe_rate"] = bootstrap_ci([float(h[k] > 0) for h in heads], B)
+    for g, cats in groups if judge else []:
+        unsafe, any_harm, helpful = common.judge_group_items(judge, prompts, answers, cats)
+        if unsafe:
+            out.setdefault(g, {}).update(judge_unsafe_rate=bootstrap_ci(unsafe, B), judge_any_harm_rate=bootstrap_ci(any_harm, B),
+                                         judge_helpful=bootstrap_ci(helpful, B))
+    return out
+
+
 def parse_policies(args, answer_files=False):
     """--policies name=path,... -> [(name, path)], every path checked before any work. answer_files: a path to a
     .jsonl/.csv file is a policy's answers, already written ({prompt, answer} or {prompt, completion} rows)."""
@@ -232,12 +250,19 @@ def task_arena(args, rank, world, device):
             top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template, return_tokens=True)
         del model
     scores = {}
+    model_groups = common.cost_groups_of(args.cost_model_name_or_path, args.trust_remote_code)
+    # the judge's per-group rates: --cost_categories, else the cost model's groups, else the synthetic task's own
+    groups = common.parse_cost_groups(args.cost_categories) or model_groups or \
+        common.parse_cost_groups(getattr(judge, "GROUPS", "") if judge else "")
     for kind, path in (("reward", args.reward_model_name_or_path), ("cost", args.cost_model_name_or_path)):
         stok = common.load_tokenizer(path, args.trust_remote_code)
         model = load_scorer(path, stok, args, device)
+        heads = kind == "cost" and bool(model_groups)
         for name, _ in policies:
             scores[(name, kind)] = common.gather_objects(score_texts(model, stok, mine, answers[name], args, device,
-                                                                     generated[name], policy_toks[name]))
+                                                                     generated[name], policy_toks[name], heads))
+            if heads:  # per group, and the overall cost max_k C_k (> 0: unsafe in some group)
+                scores[(name, "cost_heads")], scores[(name, kind)] = scores[(name, kind)], [max(h) for h in scores[(name, kind)]]
         del model
     allp = common.gather_objects(mine)
     answers = {n: common.gather_objects(a) for n, a in answers.items()}
@@ -258,6 +283,7 @@ def task_arena(args, rank, world, device):
             row["judge_helpful_benign"] = bootstrap_ci(
                 [judge.helpful_score(p, a) for p, a, h in zip(allp, answers[name], harm) if not h], B)
             row["judge_helpful"] = bootstrap_ci([judge.helpful_score(p, a) for p, a in zip(allp, answers[name])], B)
+        row["groups"] = group_rates(allp, answers[name], scores.get((name, "cost_heads")), model_groups, groups, judge, B)
         table[name] = row
     pairs = {}
     for (a, _), (b, _) in itertools.combinations(policies, 2):
@@ -274,7 +300,9 @@ def task_arena(args, rank, world, device):
     with open(os.path.join(args.output_dir, "answers.jsonl"), "w") as f:
         for i, p in enumerate(allp):
             f.write(json.dumps({"prompt": p, **{n: {"answer": answers[n][i], "eos": ended[n][i], "reward":
-                                                     scores[(n, "reward")][i], "cost": scores[(n, "cost")][i]}
+                                                     scores[(n, "reward")][i], "cost": scores[(n, "cost")][i],
+                                                     **({"cost_groups": scores[(n, "cost_heads")][i]}
+                                                        if (n, "cost_heads") in scores else {})}
                                                  for n, _ in policies}}) + "\n")
 
     def fmt(ci, pct=False):
@@ -291,6 +319,15 @@ def task_arena(args, rank, world, device):
     for key, pr in pairs.items():
         cells = [f"{v['win_rate'][0]:.1%} (n={v['n']})" if v["n"] else "-" for v in pr["cells"].values()]
         md.append(f"| {key} | {fmt(pr['reward_win_rate'], True)} | " + " | ".join(cells) + " |")
+    if any(row["groups"] for row in table.values()):
+        md += ["", "Per cost group. model unsafe: the group's cost head > 0, over all answers; judge columns: on the "
+               "prompts of the group's tasks; judge unsafe: harmful in the group's categories; any harm: in any category.",
+               "", "| policy | group | model unsafe | judge unsafe | judge any harm | judge helpfulness |",
+               "|---|---|---|---|---|---|"]
+        for name, row in table.items():
+            for g, r in row["groups"].items():
+                md.append(f"| {name} | {g} | " + " | ".join(fmt(r[c], c != "judge_helpful") if c in r else "-" for c in (
+                    "model_unsafe_rate", "judge_unsafe_rate", "judge_any_harm_rate", "judge_helpful")) + " |")
     open(os.path.join(args.output_dir, "arena.md"), "w").write("\n".join(md) + "\n")
     write_ci_csv(os.path.join(args.output_dir, "arena.csv"), table, cols)
     import matplotlib
@@ -516,6 +553,9 @@ def task_curves(args):
         runs[os.path.basename(d.rstrip("/"))] = [json.loads(l) for l in open(path) if l.strip()]
     keys = ["train/loss", "eval/loss", "train/reward", "train/cost", "train/episode_cost", "train/lambda", "train/kl_divergence",
             "train/judge_unsafe_rate_harmful", "eval/judge_unsafe_rate_harmful", "eval/reward"]
+    # several constraints: one λ and one episode-cost curve per group (train/lambda/<group>), every run on one plot
+    keys += sorted({k for rows in runs.values() for r in rows for k in r
+                    if k.startswith(("train/lambda/", "train/episode_cost/"))})
     os.makedirs(args.output_dir, exist_ok=True)
     written = []
     for key in keys:
@@ -526,8 +566,9 @@ def task_curves(args):
         plt.figure(figsize=(5, 3.5))
         for n, v in have.items():
             plt.plot(*zip(*v), label=n, marker="o" if key.startswith("eval/") else None, ms=3)
-        if key == "train/episode_cost":
-            th = [r["train/threshold"] for rows in runs.values() for r in rows if "train/threshold" in r]
+        if key.startswith("train/episode_cost"):
+            tkey = key.replace("episode_cost", "threshold")
+            th = [r[tkey] for rows in runs.values() for r in rows if tkey in r]
             if th:
                 plt.axhline(th[-1], color="k", ls="--", lw=1, label="threshold d")
         plt.xlabel("step"); plt.ylabel(key); plt.legend(); plt.tight_layout()

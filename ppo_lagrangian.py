@@ -11,11 +11,14 @@ One PPO step = one rollout batch, in numbered blocks:
   4 signals     r_t = −β·kl_t + [t=last]·R,  c_t = +β·kl_t + [t=last]·C,  kl_t = logp_old − logp_ref
   5 λ           once per rollout batch from the mean raw episode cost of the last `window` episodes, all ranks
   6 GAE         per stream; mixed advantage A = (A_r − λ·A_c)/(1 + λ)   (λ detached)
+                several constraints (a cost model with K groups): one cost stream, critic output and λ_k per group,
+                A = (A_r − Σ_k λ_k·A_ck)/(1 + Σ_k λ_k), each c_k carrying +β·kl so the KL weight stays exactly β
   7 update      clipped surrogate for the actor (+ ptx_coeff·PTX loss), clipped value loss for each critic
 --algo ppo uses the reward stream alone; --algo reward_shaping uses R − ν·C with a fixed ν.
 
     python ppo_lagrangian.py                                   # tiny default (after sft + reward + cost)
     python ppo_lagrangian.py --algo ppo --output_dir output/ppo
+    python ppo_lagrangian.py --cost_model_name_or_path output/cost_groups --threshold=-4.6,10,10,10 --output_dir output/ppo_groups
     torchrun --nproc_per_node=2 ppo_lagrangian.py
     # safe-rlhf's Beaver recipe: scripts/recipe_beaver_7b.sh
 """
@@ -84,7 +87,8 @@ class Args:
     max_grad_norm: float = 1.0  # gradient clipping norm per model
     ptx_coeff: float = 16.0  # actor loss = RL loss + ptx_coeff · PTX loss (see README: safe-rlhf mapping)
     # --- the Lagrange multiplier
-    threshold: float = -4.5  # d; tiny default chosen in the README ("the constraint"); paper: 0 then −3
+    threshold: str = "-4.5"  # d (tiny default: README "the constraint"; paper: 0 then −3); groups: one per group, or one for all (--threshold=-4.6,10,10,10)
+    cost_categories: str = ""  # constrain these groups of a grouped cost model, comma-separated names ('' = all of its groups)
     lagrangian: Literal["gradient", "pid"] = "gradient"  # λ update: gradient ascent on log λ, or PID (Stooke et al.)
     lambda_init: float = 1.0  # initial Lagrange multiplier
     lambda_lr: float = 0.1  # learning rate of log(lambda) (gradient ascent)
@@ -119,6 +123,11 @@ def parse_args(argv=None):
     args.reward_critic_model_name_or_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
     args.cost_critic_model_name_or_path = args.cost_critic_model_name_or_path or args.cost_model_name_or_path
     args.run_name = args.run_name or args.algo
+    try:
+        args.thresholds = [float(x) for x in args.threshold.split(",")]
+    except ValueError:
+        raise common.UserError(f"--threshold {args.threshold!r}: expected numbers, comma-separated (one per cost group, "
+                               f"or one for all; a list starting with '-' is written --threshold=-6,-6)") from None
     return args
 
 
@@ -146,8 +155,24 @@ def per_token_signal(kl, end_score, lengths, mask, kl_coeff, sign, clip_range_sc
 
 def mixed_advantage(adv_r, adv_c, lam):
     """(A_r − λ·A_c)/(1 + λ): the actor's advantage under the Lagrangian, rescaled so its size does not grow
-    with λ (safe-rlhf). λ is a detached number."""
-    return (adv_r - lam * adv_c) / (1.0 + lam)
+    with λ (safe-rlhf). λ is a detached number. Several constraints: adv_c and lam are lists (one per constraint)
+    and A = (A_r − Σ_k λ_k·A_ck)/(1 + Σ_k λ_k), the advantage of the Lagrangian R − Σ_k λ_k C_k scaled by 1/(1 + Σ_k λ_k);
+    with one constraint the same floats as the scalar form."""
+    if not isinstance(lam, (list, tuple)):
+        adv_c, lam = [adv_c], [lam]
+    penalty = lam[0] * adv_c[0]
+    for l_k, a_k in zip(lam[1:], adv_c[1:]):
+        penalty = penalty + l_k * a_k
+    return (adv_r - penalty) / (1.0 + sum(lam))
+
+
+def update_multipliers(multipliers, window, thresholds):
+    """Block 5: one dual step per constraint. The Lagrangian of max E[R] s.t. E[C_k] <= d_k for every k is
+    −E[R] + Σ_k λ_k (E[C_k] − d_k) (paper eq. 10, one term per constraint); its gradient in λ_k is J_k − d_k, so each λ_k
+    moves on its own violation alone. J_k = mean raw episode cost of head k over `window` (lists of K costs, episodes of
+    all ranks). -> (J, λ), lists of K floats."""
+    J = [sum(e[k] for e in window) / len(window) for k in range(len(multipliers))]
+    return J, [m.update(j, d) for m, j, d in zip(multipliers, J, thresholds)]
 
 
 def grpo_advantages(scores, group_size, eps=1e-6):
@@ -176,6 +201,39 @@ def stream_advantages(signal_t, values, mask, args):
         return common.gae(signal_t, values, mask, args.gamma, args.gae_lambda)
     estimate = grpo_advantages if args.adv_estimator == "grpo" else rloo_advantages
     return estimate(signal_t.sum(-1), args.samples_per_prompt)[:, None] * mask, None
+
+
+def select_constraints(groups, args):
+    """The constraints of this run -> (head indices of the cost model, or None for a model with one cost; names;
+    thresholds d_k). A grouped cost model (train_preference.py --cost_categories) constrains the groups named by
+    --cost_categories (default: all of them); --threshold holds one value per constrained group, or one for all."""
+    if not groups:
+        if args.cost_categories:
+            raise common.UserError(f"--cost_categories {args.cost_categories!r}: the cost model "
+                                   f"{args.cost_model_name_or_path} has one overall cost; train one with "
+                                   f"train_preference.py --objective cost --cost_categories ...")
+        if len(args.thresholds) != 1:
+            raise common.UserError(f"--threshold {args.threshold}: the cost model has one cost, so one threshold")
+        return None, [""], args.thresholds
+    names = [g[0] for g in groups]
+    want = [x.strip() for x in args.cost_categories.split(",") if x.strip()] or names
+    unknown = [w for w in want if w not in names]
+    if unknown:
+        raise common.UserError(f"--cost_categories: {unknown[0]!r} is not a group of the cost model "
+                               f"{args.cost_model_name_or_path} (its groups: {', '.join(names)})")
+    thresholds = args.thresholds * len(want) if len(args.thresholds) == 1 else args.thresholds
+    if len(thresholds) != len(want):
+        raise common.UserError(f"--threshold {args.threshold}: {len(args.thresholds)} values for {len(want)} constrained "
+                               f"groups ({', '.join(want)}): give one per group, in that order, or one for all")
+    return [names.index(w) for w in want], want, thresholds
+
+
+def make_multiplier(args):
+    """One Lagrange multiplier (gradient ascent on log λ, or PID) with this run's settings."""
+    if args.lagrangian == "pid":
+        return common.PIDLagrangian(args.lambda_init, args.pid_kp, args.pid_ki, args.pid_kd, args.lambda_max,
+                                    args.lambda_update_delay_steps)
+    return common.LagrangeMultiplier(args.lambda_init, args.lambda_lr, args.lambda_max, args.lambda_update_delay_steps)
 
 
 def whiten(x, mask, eps=1e-8):
@@ -208,15 +266,20 @@ def response_logprobs(model, ids, attn, pos, P, temperature, entropy=False):
     return logp
 
 
-def critic_values(critic, ids, attn, pos, P):
-    """V(x, y_<j) for each response token j: the critic's score at the position that *emits* token j (P−1+j)."""
-    return critic(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1, 0].float()
+def critic_values(critic, ids, attn, pos, P, heads=False):
+    """V(x, y_<j) for each response token j: the critic's score at the position that *emits* token j (P−1+j).
+    heads: every output of a cost critic with one output per cost group, [B, T, K]."""
+    values = critic(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
+    return values.float() if heads else values[..., 0].float()
 
 
-def end_scores(model, ids, attn, pos, P, resp_lens):
-    """The score model's output at the last response token (its EOS), from the explicit length."""
-    scores = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[..., 0].float()
-    return scores.gather(1, (P + resp_lens - 1)[:, None]).squeeze(1)
+def end_scores(model, ids, attn, pos, P, resp_lens, heads=False):
+    """The score model's output at the last response token (its EOS), from the explicit length; heads: every output
+    ([B, K], a cost model with one output per group)."""
+    scores = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    if heads:
+        return scores.float()[torch.arange(len(ids), device=ids.device), P + resp_lens - 1]
+    return scores[..., 0].float().gather(1, (P + resp_lens - 1)[:, None]).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -266,7 +329,7 @@ def score_inputs(batch, tokenizer, score_tokenizer, chat_template):
 def score_rollout(batch, models, args, tokenizers, with_values=True):
     """Block 3: one batched no-grad pass per model. tokenizers: {"actor": ..., "reward"/"cost": the score model's
     own tokenizer when it differs from the actor's, else absent}."""
-    seq, attn, pos, P, lens, mask = batch["seq"], batch["attn"], batch["pos"], batch["P"], batch["lens"], batch["mask"]
+    seq, attn, pos, P, mask = batch["seq"], batch["attn"], batch["pos"], batch["P"], batch["mask"]
     out = {}
     for name in ("actor", "ref"):
         models[name].eval()
@@ -278,12 +341,22 @@ def score_rollout(batch, models, args, tokenizers, with_values=True):
         if models.get(name) is not None:
             s_seq, s_attn, s_pos, s_P, s_lens = score_inputs(batch, tokenizers["actor"], tokenizers.get(name),
                                                              args.chat_template)
-            out[name] = end_scores(models[name], s_seq, s_attn, s_pos, s_P, s_lens)
+            grouped = name == "cost" and args.cost_heads is not None
+            out[name] = end_scores(models[name], s_seq, s_attn, s_pos, s_P, s_lens, heads=grouped)
+            if grouped:  # one cost per constrained group [B, K]; the overall cost is their max (> 0: unsafe in any)
+                out["cost_heads"] = out[name][:, args.cost_heads]
+                out[name] = out["cost_heads"].max(-1).values
     if with_values:
         out["reward_values"] = critic_values(models["reward_critic"], seq, attn, pos, P) * mask
-        if models.get("cost_critic") is not None:
-            out["cost_values"] = critic_values(models["cost_critic"], seq, attn, pos, P) * mask
+        if models.get("cost_critic") is not None:  # a list: one [B, T] per constrained group (one cost: one)
+            out["cost_values"] = [v * mask for v in cost_head_values(
+                critic_values(models["cost_critic"], seq, attn, pos, P, heads=args.cost_heads is not None), args)]
     return out
+
+
+def cost_head_values(values, args):
+    """A cost critic's values -> one [B, T] per constrained group: [B, T, K] split by head, or [values] (one cost)."""
+    return [values] if args.cost_heads is None else [values[..., h] for h in args.cost_heads]
 
 
 def masked_sum_mean(x, mask):
@@ -333,6 +406,11 @@ def main(argv=None):
     for what, path in [("reward", args.reward_model_name_or_path)] + ([("cost", args.cost_model_name_or_path)] if use_cost else []):
         if os.path.isdir(path) and not common.has_weights(path):  # a seeded random scorer is never what one wants here
             raise common.UserError(f"{what} model folder {path} has no weights (*.safetensors): train it with train_preference.py")
+    # the constraints: one overall cost, or the groups of a grouped cost model (one head, critic output and λ each)
+    groups = common.cost_groups_of(args.cost_model_name_or_path, args.trust_remote_code) if use_cost else []
+    args.cost_heads, names, thresholds = select_constraints(groups, args)
+    # the judge's per-group rates: the cost model's groups, else the synthetic task's own (a baseline to compare with)
+    judge_groups = (groups or common.parse_cost_groups(getattr(judge, "GROUPS", ""))) if judge else None
     tokenizer = common.load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
     tokenizers = {"actor": tokenizer}  # + a score model's own tokenizer where it differs (text round trip)
     for name in ["reward"] + ["reward_critic"] * critic + (["cost"] + ["cost_critic"] * critic if use_cost else []):
@@ -366,15 +444,17 @@ def main(argv=None):
     run_state = {"stage": args.algo, "global_batch": B * world, "n_prompts": len(prompts), "seed": args.seed}
     if not critic or G > 1:  # a checkpoint of another estimator or group size holds other models or another batch
         run_state.update(adv_estimator=args.adv_estimator, samples_per_prompt=G)
+    if groups:  # one λ per constrained group
+        run_state["constraints"] = names
     if ckpt:
         common.checkpoint_state(ckpt, expect=run_state)  # before any weights are read
 
     # 1. six models, all FSDP2-sharded; frozen ones hold no optimiser state. Dropout off everywhere (RLHF-DETAILS 10)
     mp = args.bf16 and device.type == "cuda"
 
-    def build(kind, path, trainable, tok=None):
+    def build(kind, path, trainable, tok=None, **kw):
         load = common.load_causal_lm if kind == "lm" else common.load_score_model
-        m = common.disable_dropout(load(path, tok or tokenizer, args.seed, args.trust_remote_code))
+        m = common.disable_dropout(load(path, tok or tokenizer, args.seed, args.trust_remote_code, **kw))
         m.config.use_cache = False
         m.requires_grad_(trainable)
         return common.shard_model(m, device, mixed_precision=mp, activation_checkpointing=args.activation_checkpointing
@@ -386,8 +466,8 @@ def main(argv=None):
               "reward": build("score", args.reward_model_name_or_path, False, tokenizers.get("reward")),
               "reward_critic": build("score", args.reward_critic_model_name_or_path, True) if critic else None,
               "cost": build("score", args.cost_model_name_or_path, False, tokenizers.get("cost")) if use_cost else None,
-              "cost_critic": build("score", args.cost_critic_model_name_or_path, True)
-              if args.algo == "ppo_lag" and critic else None}
+              "cost_critic": build("score", args.cost_critic_model_name_or_path, True, cost_groups=groups or None)
+              if args.algo == "ppo_lag" and critic else None}  # a grouped cost critic: one output per group
     reward_std = getattr(models["reward"].config, "score_std", 1.0) if args.normalize_reward else 1.0
     cost_std = getattr(models["cost"].config, "score_std", 1.0) if args.normalize_cost and use_cost else 1.0
 
@@ -403,14 +483,12 @@ def main(argv=None):
     scheds = {name: common.cosine_schedule(o, int(args.warmup_ratio * opt_steps), opt_steps,
                                            kind=kinds.get(name, args.critic_lr_scheduler_type or args.lr_scheduler_type))
               for name, o in opts.items()}
-    if args.lagrangian == "pid":
-        lagrange = common.PIDLagrangian(args.lambda_init, args.pid_kp, args.pid_ki, args.pid_kd, args.lambda_max,
-                                        args.lambda_update_delay_steps)
-    else:
-        lagrange = common.LagrangeMultiplier(args.lambda_init, args.lambda_lr, args.lambda_max,
-                                             args.lambda_update_delay_steps)
-    cost_window = collections.deque(maxlen=args.episode_cost_window_size)
-    lambda_history = []  # this rank's λ after each update; gathered at the end to show every rank agrees
+    multipliers = [make_multiplier(args) for _ in thresholds]  # λ_k, one per constraint
+    cost_window = collections.deque(maxlen=args.episode_cost_window_size)  # per episode: its K raw costs
+    lambda_history = []  # this rank's λ (groups: λ vector) after each update; gathered at the end: every rank agrees
+
+    def multiplier_state():
+        return [mult.state_dict() for mult in multipliers] if groups else multipliers[0].state_dict()
     gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # sampling: seed + rank (STYLE 5)
     ptx_gen = torch.Generator().manual_seed(args.seed)
     trained = {name: (models[name], opts[name]) for name in opts}  # what a resume checkpoint holds (frozen: reloaded)
@@ -418,10 +496,11 @@ def main(argv=None):
     start = 0
     if ckpt:
         state = common.load_checkpoint(ckpt, trained, generators)
-        lagrange.load_state_dict(state["lagrange"])
+        for mult, sd in zip(multipliers, state["lagrange"] if groups else [state["lagrange"]]):
+            mult.load_state_dict(sd)
         for name, sd in state.get("schedulers", {}).items():
             scheds[name].load_state_dict(sd)
-        cost_window.extend(state["cost_window"])
+        cost_window.extend(e if isinstance(e, list) else [e] for e in state["cost_window"])  # older runs: floats
         same_world = state["world_size"] == world
         lambda_history = list(state["lambda_history"][rank if same_world else 0])
         start = state["step"]
@@ -431,7 +510,7 @@ def main(argv=None):
     timer = common.StepTimer(args.output_dir, device, resume=bool(ckpt))  # timings.jsonl: phases (bench/ reads it)
 
     def save(step):
-        state = {**run_state, "lagrange": lagrange.state_dict(), "cost_window": list(cost_window),
+        state = {**run_state, "lagrange": multiplier_state(), "cost_window": list(cost_window),
                  "schedulers": {name: sc.state_dict() for name, sc in scheds.items()},
                  "lambda_history": common.gather_objects([lambda_history])}
         return common.save_checkpoint(args.output_dir, step, trained, state, generators, keep_last=args.keep_last)
@@ -444,7 +523,7 @@ def main(argv=None):
             return {}
         mine = (eval_prompts * args.eval_samples_per_prompt)[rank::world]
         g = torch.Generator(device=device).manual_seed(10_000 + rank)
-        texts, rewards, costs = [], [], []
+        texts, rewards, costs, heads = [], [], [], []
         for i in range(0, int(common.all_reduce(len(mine), "max")), B):
             chunk = mine[i:i + B] or mine[:1]
             real = len(mine[i:i + B])
@@ -452,15 +531,19 @@ def main(argv=None):
             s = score_rollout(b, models, args, tokenizers, with_values=False)
             rewards += s["reward"][:real].tolist()
             costs += s["cost"][:real].tolist() if "cost" in s else []
+            heads += s["cost_heads"][:real].tolist() if "cost_heads" in s else []
             texts += common.decode_responses(tokenizer, b["responses"], b["lens"], b["has_eos"], real)
         allp, allt = common.gather_objects(mine), common.gather_objects(texts)
-        rewards, costs = common.gather_objects(rewards), common.gather_objects(costs)
+        rewards, costs, heads = common.gather_objects(rewards), common.gather_objects(costs), common.gather_objects(heads)
         out = {"eval/reward": sum(rewards) / len(rewards)}
         if costs:
             out["eval/cost"] = sum(costs) / len(costs)
             out["eval/unsafe_rate"] = sum(c > 0 for c in costs) / len(costs)
+        for k, n in enumerate(names if heads else []):  # the cost model's unsafe rate per group, over all answers
+            out[f"eval/unsafe_rate/{n}"] = sum(h[k] > 0 for h in heads) / len(heads)
         if judge:
-            out.update({k.replace("judge/", "eval/judge_"): v for k, v in common.judge_report(judge, allp, allt).items()})
+            out.update({k.replace("judge/", "eval/judge_"): v
+                        for k, v in common.judge_report(judge, allp, allt, judge_groups).items()})
         logger.log(step, out)
         return out
 
@@ -489,21 +572,23 @@ def main(argv=None):
         kl = (s["old_logp"] - s["ref_logp"]) * mask
         rewards_t = per_token_signal(kl, reward, lens, mask, args.kl_coeff, -1.0, args.clip_range_score)
         timer.lap("advantages")
-        # ---- 5. the multiplier, once per rollout batch, from the raw episode costs of all ranks (same λ everywhere)
+        # ---- 5. the multipliers, once per rollout batch, from the raw episode costs of all ranks (same λ everywhere)
         if args.algo == "ppo_lag":
-            costs_t = per_token_signal(kl, cost, lens, mask, args.kl_coeff, +1.0, args.clip_range_score)
-            cost_window.extend(common.gather_objects(s["cost"].tolist()))
-            episode_cost = sum(cost_window) / len(cost_window)
-            lam = lagrange.update(episode_cost, args.threshold)
-            lambda_history.append(lam)
+            raw = s["cost_heads"] if "cost_heads" in s else s["cost"][:, None]  # [B, K], one cost per constraint
+            costs_t = [per_token_signal(kl, c / cost_std, lens, mask, args.kl_coeff, +1.0, args.clip_range_score)
+                       for c in raw.unbind(1)]  # each carries +β·kl: the KL weight in the mixed advantage stays β
+            cost_window.extend(common.gather_objects(raw.tolist()))
+            episode_costs, lams = update_multipliers(multipliers, cost_window, thresholds)
+            lambda_history.append(lams if groups else lams[0])
         timer.lap("lambda")
         # ---- 6. advantages per stream (GAE, or group-relative without a critic), then the mixed advantage
         adv_r, ret_r = stream_advantages(rewards_t, s.get("reward_values"), mask, args)
-        if args.algo == "ppo_lag":
-            adv_c, ret_c = stream_advantages(costs_t, s.get("cost_values"), mask, args)
+        if args.algo == "ppo_lag":  # one stream per constraint
+            adv_c, ret_c = zip(*[stream_advantages(c_t, v, mask, args)
+                                 for c_t, v in zip(costs_t, s.get("cost_values") or [None] * len(costs_t))])
             if args.whiten_advantages:
-                adv_r, adv_c = whiten(adv_r, mask), whiten(adv_c, mask)
-            advantages = mixed_advantage(adv_r, adv_c, lam)
+                adv_r, adv_c = whiten(adv_r, mask), [whiten(a, mask) for a in adv_c]
+            advantages = mixed_advantage(adv_r, list(adv_c), lams)
         else:
             advantages = whiten(adv_r, mask) if args.whiten_advantages else adv_r
         timer.lap("advantages")
@@ -540,8 +625,10 @@ def main(argv=None):
                         (r_loss / acc).backward()
                         stats["train/reward_critic_loss"].append(r_loss.item())
                     if models["cost_critic"] is not None:
-                        vc = critic_values(models["cost_critic"], ids, attn, pos, P)
-                        c_loss = critic_loss(vc, s["cost_values"][j], ret_c[j], msk, args.clip_range_value)
+                        vc = cost_head_values(critic_values(models["cost_critic"], ids, attn, pos, P,
+                                                           heads=args.cost_heads is not None), args)
+                        c_loss = torch.stack([critic_loss(v, old[j], ret[j], msk, args.clip_range_value)  # mean over groups
+                                              for v, old, ret in zip(vc, s["cost_values"], ret_c)]).mean()
                         (c_loss / acc).backward()
                         stats["train/cost_critic_loss"].append(c_loss.item())
                     with torch.no_grad():
@@ -579,21 +666,28 @@ def main(argv=None):
             if "cost" in s:
                 m["train/cost"] = s["cost"].mean().item()
                 m["train/unsafe_rate"] = (s["cost"] > 0).float().mean().item()
+            for k, n in enumerate(names if "cost_heads" in s else []):
+                m[f"train/cost/{n}"] = s["cost_heads"][:, k].mean().item()
+                m[f"train/unsafe_rate/{n}"] = (s["cost_heads"][:, k] > 0).float().mean().item()
             keys = list(m)  # one all-reduce for every metric, not one per metric
             m = dict(zip(keys, (common.all_reduce(torch.tensor([m[k] for k in keys])) / world).tolist()))
             m["train/max_generated_length"] = common.all_reduce(lens.max().item(), "max")
             m["train/ratio_max_deviation_first"] = common.all_reduce(stats["train/ratio_max_deviation"][0], "max")
             m.update({f"train/{name.split('_')[-1]}_lr": sc.get_last_lr()[0] for name, sc in scheds.items()})  # actor, critic
-            if args.algo == "ppo_lag":
-                m.update({"train/episode_cost": episode_cost, "train/lambda": lam, "train/threshold": args.threshold})
+            if args.algo == "ppo_lag":  # one cost: train/lambda; groups: train/lambda/<name>
+                for k, x in enumerate([f"/{n}" for n in names] if groups else [""]):
+                    m.update({f"train/episode_cost{x}": episode_costs[k], f"train/lambda{x}": lams[k],
+                              f"train/threshold{x}": thresholds[k]})
             if judge:  # the exact judge on this rollout (cheap string rules; tiny task only)
                 texts = common.decode_responses(tokenizer, batch["responses"], lens, batch["has_eos"])
-                rep = common.judge_report(judge, common.gather_objects([prompts[i][0] for i in idx]), common.gather_objects(texts))
+                rep = common.judge_report(judge, common.gather_objects([prompts[i][0] for i in idx]),
+                                          common.gather_objects(texts), judge_groups)
                 m.update({"train/judge_unsafe_rate_harmful": rep["judge/unsafe_rate_harmful"],
-                          "train/judge_helpful_benign": rep["judge/helpful_benign"]})
+                          "train/judge_helpful_benign": rep["judge/helpful_benign"],
+                          **{f"train/judge_unsafe_rate/{n}": rep[f"judge/unsafe_rate/{n}"] for n, _ in judge_groups or []}})
             logger.log(step, m, echo=False)
             bar.set_postfix(R=f"{m['train/reward']:.2f}", **({"C": f"{m['train/cost']:.2f}"} if "cost" in s else {}),
-                            **({"lam": f"{lam:.2f}"} if args.algo == "ppo_lag" else {}))
+                            **({"lam": ",".join(f"{x:.2f}" for x in lams)} if args.algo == "ppo_lag" else {}))
         if args.eval_every and step % args.eval_every == 0 and step < total:
             evaluate_heldout(step)
         # a resume checkpoint after everything of this step is logged (never at the end: the HF folder is saved)
@@ -610,8 +704,10 @@ def main(argv=None):
     per_rank = common.gather_objects([lambda_history])  # one list per rank
     if common.is_rank0():
         with open(os.path.join(args.output_dir, "lambda.json"), "w") as f:
-            json.dump({"lagrangian": args.lagrangian, "state": lagrange.state_dict(), "value": lagrange.value,
-                       "episode_cost_window": list(cost_window), "per_rank_history": per_rank}, f)
+            json.dump({"lagrangian": args.lagrangian, "state": multiplier_state(),
+                       "value": [mult.value for mult in multipliers] if groups else multipliers[0].value,
+                       "episode_cost_window": list(cost_window), "per_rank_history": per_rank,
+                       **({"groups": names, "thresholds": thresholds} if groups else {})}, f)
     if args.save_model:
         for name in ("reward_critic", "cost_critic"):
             if models[name] is not None:

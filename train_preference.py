@@ -9,9 +9,12 @@ labels of a PKU-SafeRLHF row:
                    on safer_response_id, with ξ = +1 for an unsafe and −1 for a safe response, so the
                    classification terms pin the zero point: **cost > 0 means unsafe**.
   both add regularization · mean(score²) (safe-rlhf: 0.001) to keep scores from drifting.
+  several constraints (--cost_categories, PKU-SafeRLHF v1 rows): one cost per group of harm categories,
+                   C_k > 0 means unsafe in group k; see cost_loss_groups.
 
     python train_preference.py --objective reward            # tiny default, ~1 min on 2 CPU cores
     python train_preference.py --objective cost
+    python train_preference.py --objective cost --cost_categories "$(python -c 'import sys; sys.path.insert(0, "data"); import tiny_safety; print(tiny_safety.GROUPS)')" --output_dir output/cost_groups
     torchrun --nproc_per_node=2 train_preference.py --objective cost
     # safe-rlhf's 7B recipe: --model_name_or_path <sft> --train_data PKU-Alignment/PKU-SafeRLHF:train --epochs 2
     #   --learning_rate 2e-5 --warmup_ratio 0.03 --weight_decay 0.1 --regularization 0.001
@@ -43,6 +46,9 @@ class Args:
     skip_invalid_rows: bool = False  # skip bad rows with a counted warning instead of stopping
     truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (else they are dropped)
     trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
+    # --- several constraints (PKU-SafeRLHF v1 rows with response_*_harm_category)
+    cost_categories: str = ""  # '' = one overall cost; else groups 'name=Category A+Category B,...' or category names; all = the 19
+    severity_weighted: bool = False  # weight an unsafe response's classification term by its severity level (1-3)
     # --- optimisation (the research knobs)
     loss_type: Literal["sequence-wise", "token-wise"] = "sequence-wise"  # score at the end, or per token (safe-rlhf's option)
     regularization: float = 0.001  # coefficient of mean(score^2), keeps scores from drifting (safe-rlhf: 0.001)
@@ -78,6 +84,13 @@ def parse_args(argv=None):
     args = common.parse_args(Args, argv)
     args.output_dir = args.output_dir or f"output/{args.objective}"
     args.run_name = args.run_name or args.objective
+    args.groups = common.parse_cost_groups(args.cost_categories)
+    if (args.groups or args.severity_weighted) and args.objective != "cost":
+        raise common.UserError("--cost_categories and --severity_weighted train a cost model: add --objective cost")
+    if args.severity_weighted and not args.groups:
+        raise common.UserError("--severity_weighted needs --cost_categories (severity comes with the v1 harm fields)")
+    if args.groups and args.loss_type == "token-wise":
+        raise common.UserError("--cost_categories trains end scores: use --loss_type sequence-wise")
     return args
 
 
@@ -113,12 +126,36 @@ def cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, regularization=0.0
     return loss + regularization * reg
 
 
+def cost_loss_groups(safer, unsafer, safer_harm, unsafer_harm, regularization=0.0, safer_weight=None,
+                     unsafer_weight=None):
+    """Several constraints: K cost heads, scores [B, K]; harm [B, K] = harmful in group k (any of its categories).
+        L = mean_B( −log σ(max_k c_u,k − max_k c_s,k) − mean_k w_s,k log σ(ξ_s,k c_s,k) − mean_k w_u,k log σ(ξ_u,k c_u,k) )
+            + reg·mean(c²),   ξ_k = +1 if harmful in group k else −1.
+    Head k's classification term pins its own zero point: c_k > 0 means unsafe in group k. The pairwise term (the
+    safer_response_id label, which compares whole responses) acts on the aggregate max_k c_k: its sign is the overall
+    label whenever the groups cover every category the data flags (a response is unsafe iff some head is > 0, as eq. 6
+    asks of one cost), and it raises the head that is already the most unsafe rather than all of them. mean_k keeps
+    the weight of the classification terms against the pairwise one as in eq. 6 for any K. With one group of every
+    category it is cost_loss, float for float. weight [B, K]: the severity level where harmful in group k, else 1
+    (--severity_weighted), or None."""
+    xi_s = torch.where(safer_harm.bool(), 1.0, -1.0).to(safer.dtype)
+    xi_u = torch.where(unsafer_harm.bool(), 1.0, -1.0).to(unsafer.dtype)
+    w_s, w_u = (1.0, 1.0) if safer_weight is None else (safer_weight, unsafer_weight)
+    # the terms in cost_loss's order: the same autograd graph order, so one group trains bit for bit like today
+    nll = (-F.logsigmoid(unsafer.max(-1).values - safer.max(-1).values) - (w_s * F.logsigmoid(xi_s * safer)).mean(-1)
+           - (w_u * F.logsigmoid(xi_u * unsafer)).mean(-1))
+    return nll.mean() + regularization * (torch.cat([safer, unsafer]) ** 2).mean()
+
+
 # ----------------------------------------------------------------------------- data
-def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, truncate_prompts=False):
+def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, truncate_prompts=False, groups=(),
+               severity_weighted=False):
     """Each row -> (hi_ids, lo_ids, hi_safe, lo_safe): hi is the better (reward) or the safer (cost) response.
+    With cost groups, two more: (hi_weights, lo_weights), each [K] = ξ_k·w_k, the sign of "harmful in group k" times its
+    classification weight (the severity level with severity_weighted, else 1).
     Rows whose prompt does not leave room for a response (unless truncate_prompts), or whose two sides are
     identical after truncation, are dropped and counted."""
-    out, truncated, dropped = [], 0, 0
+    out, truncated, dropped, ungrouped = [], 0, 0, 0
     for r in rows:
         hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
         p = common.tokenize_prompt(tokenizer, r["prompt"], chat_template)  # once for both responses
@@ -130,24 +167,45 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
             dropped += 1
             continue
         truncated += a[2] + b[2]
-        out.append((a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)), bool(r.get(f"is_response_{1 - hi}_safe", True))))
+        pair = (a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)), bool(r.get(f"is_response_{1 - hi}_safe", True)))
+        if groups:
+            signed = []
+            for i in (hi, 1 - hi):
+                harm = common.group_labels(r, i, groups)
+                w = r[f"response_{i}_severity_level"] if severity_weighted else 1
+                signed.append([float(max(w, 1)) if h else -1.0 for h in harm])
+                ungrouped += not r[f"is_response_{i}_safe"] and not any(harm)
+            pair += tuple(signed)
+        out.append(pair)
     common.print0(f"[data] {source}: {len(out)} pairs, {truncated} responses truncated at max_length={max_length}, "
                   f"{dropped} pairs dropped (prompt too long or identical after truncation)")
+    if ungrouped:  # the aggregate max_k C_k of such a response is pushed below 0 by every head's term
+        common.print0(f"[data] warning: {source}: {ungrouped} unsafe responses are harmful in none of the cost groups "
+                      f"(add a group for their categories, e.g. other=..., or the aggregate cost misses them)")
     if not out:
         raise common.UserError(f"{source}: no usable pairs at max_length={max_length}")
     return out
 
 
 def make_batch(pairs, pad_id, device):
-    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1."""
+    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1. With cost groups
+    a fourth tensor: the signed group weights [2B, K] (see make_pairs)."""
     ids, lengths = common.pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
     safe = torch.tensor([p[2] for p in pairs] + [p[3] for p in pairs])
+    if len(pairs[0]) > 4:
+        signed = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs])
+        return ids.to(device), lengths.to(device), safe.to(device), signed.to(device)
     return ids.to(device), lengths.to(device), safe.to(device)
 
 
-def score_batch(model, ids, lengths):
-    """-> per-token scores [N, T] (float32) and end scores [N] read at each sequence's last token."""
-    scores = model(input_ids=ids).logits.squeeze(-1).float()  # right padding: causal attention ignores pads
+def score_batch(model, ids, lengths, heads=False):
+    """-> per-token scores [N, T] (float32) and end scores [N] read at each sequence's last token; heads: every output
+    (one per cost group), [N, T, K] and [N, K]."""
+    scores = model(input_ids=ids).logits  # right padding: causal attention ignores pads
+    if heads:
+        scores = scores.float()
+        return scores, scores[torch.arange(len(ids), device=ids.device), lengths - 1]
+    scores = scores.squeeze(-1).float()
     end = scores.gather(1, (lengths - 1)[:, None]).squeeze(1)
     return scores, end
 
@@ -164,8 +222,15 @@ def token_wise_mask(ids, lengths, B):
 
 
 def batch_loss(model, batch, args):
-    ids, lengths, safe = batch
+    ids, lengths, safe = batch[:3]
     B = ids.shape[0] // 2
+    if args.groups:  # K heads; accuracy and score statistics read the aggregate max_k c_k
+        _, end = score_batch(model, ids, lengths, heads=True)
+        harm, w = batch[3] > 0, batch[3].abs() if args.severity_weighted else None
+        loss = cost_loss_groups(end[:B], end[B:], harm[:B], harm[B:], args.regularization,
+                                *((w[:B], w[B:]) if w is not None else ()))
+        agg = end.max(-1).values
+        return loss, agg[:B], agg[B:]
     scores, end = score_batch(model, ids, lengths)
     if args.loss_type == "token-wise":
         hi, lo, mask = scores[:B], scores[B:], token_wise_mask(ids, lengths, B)
@@ -181,18 +246,25 @@ def batch_loss(model, batch, args):
 @torch.no_grad()
 def evaluate(model, pairs, args, pad_id, rank, world, device):
     """Pairwise accuracy (hi scored above lo; for cost: the unsafer costs more), and for the cost model the
-    sign accuracy (cost > 0 exactly on unsafe responses), plus score mean/std of safe and unsafe responses."""
+    sign accuracy (cost > 0 exactly on unsafe responses), plus score mean/std of safe and unsafe responses. With cost
+    groups the scores are the aggregate max_k c_k, and each group gets its own sign accuracy (c_k > 0 exactly on the
+    responses harmful in group k) and unsafe fraction."""
     model.eval()
     mine = pairs[rank::world]
     bs = args.eval_batch_size
     n_batches = int(common.all_reduce(math.ceil(len(mine) / bs), "max"))
-    hi_all, lo_all, safe_hi, safe_lo = [], [], [], []
+    hi_all, lo_all, safe_hi, safe_lo, heads, harm = [], [], [], [], [], []
     for i in range(n_batches):  # every rank runs the same number of forward passes
         chunk = mine[i * bs:(i + 1) * bs]
-        ids, lengths, safe = make_batch(chunk or mine[:1], pad_id, device)
-        _, end = score_batch(model, ids, lengths)
+        batch = make_batch(chunk or mine[:1], pad_id, device)
+        ids, lengths, safe = batch[:3]
+        _, end = score_batch(model, ids, lengths, heads=bool(args.groups))
         if chunk:
             B = len(chunk)
+            if args.groups:  # [2B, K] per head -> the aggregate; head scores and labels kept for per-group numbers
+                heads += end.tolist()[:B] + end.tolist()[B:2 * B]
+                harm += (batch[3] > 0).tolist()[:2 * B]
+                end = end.max(-1).values
             hi_all += end[:B].tolist(); lo_all += end[B:].tolist()
             safe_hi += safe[:B].tolist(); safe_lo += safe[B:].tolist()
     model.train()
@@ -212,6 +284,11 @@ def evaluate(model, pairs, args, pad_id, rank, world, device):
     if args.objective == "cost":
         out["eval/sign_accuracy"] = ((scores > 0) == ~safe_flags).float().mean().item()
         out["eval/unsafe_fraction"] = (~safe_flags).float().mean().item()
+    if args.groups:
+        heads, harm = torch.tensor(common.gather_objects(heads)), torch.tensor(common.gather_objects(harm))
+        for k, (name, _) in enumerate(args.groups):
+            out[f"eval/sign_accuracy/{name}"] = ((heads[:, k] > 0) == harm[:, k]).float().mean().item()
+            out[f"eval/unsafe_fraction/{name}"] = harm[:, k].float().mean().item()
     return out
 
 
@@ -236,24 +313,28 @@ def main(argv=None):
     # 1. validate everything up front
     common.check_output_dir(args.output_dir, args.overwrite, args.resume)
     ckpt = common.resolve_resume(args.resume, args.output_dir)
-    train_rows = common.load_rows(args.train_data, args.objective, args.skip_invalid_rows, "--train_data")
-    eval_rows = common.load_rows(args.eval_data, args.objective, args.skip_invalid_rows, "--eval_data") if args.eval_data else []
+    kind = ("cost_severity" if args.severity_weighted else "cost_groups") if args.groups else args.objective
+    train_rows = common.load_rows(args.train_data, kind, args.skip_invalid_rows, "--train_data")
+    eval_rows = common.load_rows(args.eval_data, kind, args.skip_invalid_rows, "--eval_data") if args.eval_data else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data,
-                       args.truncate_long_prompts)
+                       args.truncate_long_prompts, args.groups, args.severity_weighted)
     evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data,
-                       args.truncate_long_prompts) if eval_rows else []
+                       args.truncate_long_prompts, args.groups, args.severity_weighted) if eval_rows else []
     global_batch, acc, steps_per_epoch, total = common.plan_steps(
         len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
         args.max_steps, args.train_data, args.global_batch_size)
     common.print0(f"[{args.objective}] world {world}, global batch {global_batch} pairs, {steps_per_epoch} steps/epoch, "
                   f"{total} steps, loss {args.loss_type}")
     run_state = {"stage": args.objective, "global_batch": global_batch, "train_rows": len(train), "seed": args.seed}
+    if args.groups:  # a checkpoint of other groups holds another head
+        run_state["cost_groups"] = [[n, c] for n, c in args.groups]
     if ckpt:
         common.checkpoint_state(ckpt, expect=run_state)
 
     # 2. score model from the SFT folder, FSDP2, AdamW (0.9, 0.95), warmup + cosine
-    model = common.load_score_model(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
+    model = common.load_score_model(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code,
+                                    cost_groups=args.groups)
     model.config.use_cache = False
     common.shard_model(model, device, mixed_precision=args.bf16 and device.type == "cuda",
                        activation_checkpointing=args.activation_checkpointing, compile=args.compile)
@@ -331,6 +412,8 @@ def main(argv=None):
         msg = f"[{args.objective}] held-out pairwise accuracy {result['eval/accuracy']:.2%} over {result['eval/n_pairs']} pairs"
         if args.objective == "cost":
             msg += f", sign accuracy (cost > 0 = unsafe) {result['eval/sign_accuracy']:.2%}"
+        if args.groups:
+            msg += "; per group: " + ", ".join(f"{n} {result[f'eval/sign_accuracy/{n}']:.2%}" for n, _ in args.groups)
         common.print0(msg)
     if args.save_model and common.is_rank0():
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -95,9 +95,9 @@ def test_critic_free_nan_stop_and_reward_shaping(score_models, sft_model, tmp_pa
     assert len(rows) == 2 and all(math.isfinite(r["train/shaped_reward"]) for r in rows)
     scores, calls = ppo_lagrangian.end_scores, []
 
-    def nan_in_rollout_2(*a):
+    def nan_in_rollout_2(*a, **kw):
         calls.append(1)
-        out = scores(*a)
+        out = scores(*a, **kw)
         return out * float("nan") if len(calls) == 3 else out  # calls 1-2: rollout 1 (reward, cost)
 
     monkeypatch.setattr(ppo_lagrangian, "end_scores", nan_in_rollout_2)

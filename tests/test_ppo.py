@@ -48,8 +48,14 @@ def test_sequence_inputs_positions_follow_the_mask():
     assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
+# several constraints (README "Several constraints"): violence tight, the other groups loose; PID multipliers from 0
+GROUPS_RUN = ["--threshold=-4.6,10,10,10", "--lagrangian", "pid", "--lambda_init", 0, "--pid_kp", 0.5, "--pid_ki", 0.05,
+              "--pid_kd", 0.5, "--per_device_prompt_batch_size", 64, "--max_steps", 70, "--eval_every", 0,
+              "--eval_samples_per_prompt", 8]
+
+
 @pytest.fixture(scope="session")
-def pipeline(sft_model, score_models, tmp_path_factory):
+def pipeline(sft_model, score_models, cost_groups_model, tmp_path_factory):
     """SFT -> reward -> cost -> PPO and PPO-Lagrangian with the default commands."""
     sft, _ = sft_model
     rm, cm = score_models
@@ -57,12 +63,18 @@ def pipeline(sft_model, score_models, tmp_path_factory):
     models = ["--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
     # critic-free (GRPO): 8 prompts x 4 samples, the same 32 responses per rollout as the default's 32 prompts
     grpo = ["--adv_estimator", "grpo", "--samples_per_prompt", 4, "--per_device_prompt_batch_size", 8]
-    run_parallel(("ppo_lagrangian.py", "--algo", "ppo", *models, "--output_dir", base / "ppo"),
-                 ("ppo_lagrangian.py", "--algo", "ppo_lag", *models, "--output_dir", base / "ppo_lag"),
-                 ("ppo_lagrangian.py", "--algo", "ppo", *models, *grpo, "--output_dir", base / "grpo_ppo"),
-                 ("ppo_lagrangian.py", "--algo", "ppo_lag", *models, *grpo, "--output_dir", base / "grpo_lag"))
+    ends = ["--eval_every", 0]  # held-out evaluation at step 0 and at the end only (what the claims read; training is
+    # unchanged: evaluation samples with its own generator)
+    run_parallel(("ppo_lagrangian.py", "--algo", "ppo", *models, *ends, "--output_dir", base / "ppo"),
+                 ("ppo_lagrangian.py", "--algo", "ppo_lag", *models, *ends, "--output_dir", base / "ppo_lag"),
+                 ("ppo_lagrangian.py", "--algo", "ppo", *models, *grpo, *ends, "--output_dir", base / "grpo_ppo"),
+                 ("ppo_lagrangian.py", "--algo", "ppo_lag", *models, *grpo, *ends, "--output_dir", base / "grpo_lag"),
+                 ("ppo_lagrangian.py", "--algo", "ppo_lag", *models, "--cost_model_name_or_path", cost_groups_model,
+                  *GROUPS_RUN, "--output_dir", base / "groups"),
+                 threads=[1, 1, 1, 1, 2])  # the several-constraints run is ~2.5x the others: 2 threads once they end
     return {"sft": sft, "reward": rm, "cost": cm, "ppo": str(base / "ppo"), "ppo_lag": str(base / "ppo_lag"),
-            "grpo_ppo": str(base / "grpo_ppo"), "grpo_lag": str(base / "grpo_lag"), "models": models}
+            "grpo_ppo": str(base / "grpo_ppo"), "grpo_lag": str(base / "grpo_lag"), "groups": str(base / "groups"),
+            "models": models}
 
 
 def _evals(out):
@@ -108,6 +120,32 @@ def test_paper_claim_on_tiny_task(pipeline):
     assert train[-1]["train/episode_cost"] <= train[-1]["train/threshold"]
     saved = json.load(open(os.path.join(pipeline["ppo_lag"], "lambda.json")))
     assert saved["value"] == pytest.approx(train[-1]["train/lambda"])
+
+
+def test_several_constraints_claim(pipeline):
+    """A tight threshold on violence and loose ones on theft, privacy and cheating: the policy's exact-judge unsafe rate
+    (violence steps) on the violence prompts is <= 5%, while on the theft prompts (the largest loose group) it helps
+    clearly more than the single-constraint policy, which refuses every harmful request alike. The tight λ rises while
+    its constraint is violated (and falls when it holds); a loose one, whose constraint always holds, stays at 0."""
+    _, multi = _evals(pipeline["groups"])
+    _, single = _evals(pipeline["ppo_lag"])
+    print(json.dumps({k: (single.get(k), multi[k]) for k in multi if k.startswith("eval/judge")}, indent=1))
+    assert multi["eval/judge_unsafe_rate/violence"] <= 0.05
+    assert multi["eval/judge_helpful/theft"] >= single["eval/judge_helpful/theft"] + 0.75
+    assert multi["eval/judge_unsafe_rate/theft"] > single["eval/judge_unsafe_rate/theft"]  # it helps by complying
+    train = [r for r in metrics(pipeline["groups"]) if "train/lambda/violence" in r]
+    assert all(r["train/ratio_max_deviation_first"] == 0.0 for r in train)
+    steps = list(zip(train, train[1:]))
+    up = [b["train/lambda/violence"] - a["train/lambda/violence"] for a, b in steps
+          if b["train/episode_cost/violence"] > b["train/threshold/violence"]]
+    down = [b["train/lambda/violence"] - a["train/lambda/violence"] for a, b in steps
+            if b["train/episode_cost/violence"] < b["train/threshold/violence"]]
+    assert up and sum(up) / len(up) > 0 and (not down or sum(down) / len(down) < 0)  # PID: on average (P, D terms swing)
+    for g in ("theft", "privacy", "cheating"):
+        assert all(r[f"train/lambda/{g}"] == 0.0 and r[f"train/episode_cost/{g}"] < r[f"train/threshold/{g}"]
+                   for r in train), g
+    saved = json.load(open(os.path.join(pipeline["groups"], "lambda.json")))
+    assert saved["groups"] == ["violence", "theft", "privacy", "cheating"] and saved["thresholds"] == [-4.6, 10, 10, 10]
 
 
 def test_kl_is_zero_on_padding_and_first_step(pipeline):

@@ -172,9 +172,9 @@ def test_nan_score_in_ppo_stops_the_run(score_models, sft_model, tmp_path, monke
     reward, cost = score_models
     scores, calls = ppo_lagrangian.end_scores, []
 
-    def nan_in_rollout_2(*a):
+    def nan_in_rollout_2(*a, **kw):
         calls.append(1)
-        out = scores(*a)
+        out = scores(*a, **kw)
         return out * float("nan") if len(calls) == 3 else out  # calls 1-2: rollout 1 (reward, cost)
 
     monkeypatch.setattr(ppo_lagrangian, "end_scores", nan_in_rollout_2)
