@@ -198,3 +198,36 @@ def test_two_ranks_end_with_the_same_lambda_vector(tmp_path, sft_model, score_mo
     assert "| sft | violence |" in (tmp_path / "arena" / "arena.md").read_text()
     run("evaluate.py", "--task", "curves", "--run_dirs", out, "--output_dir", tmp_path / "curves")
     assert all((tmp_path / "curves" / f"train_lambda_{g}.png").exists() for g in saved["groups"])
+
+
+def test_constraint_flags_are_checked_in_one_line():
+    import argparse
+    import ppo_lagrangian
+    import train_preference
+    groups = common.parse_cost_groups(tiny_safety.GROUPS)
+
+    def args(**kw):
+        a = argparse.Namespace(cost_categories="", threshold="-4.5", cost_model_name_or_path="cm", **kw)
+        a.thresholds = [float(x) for x in a.threshold.split(",")]
+        return a
+    assert ppo_lagrangian.select_constraints(groups, args()) == ([0, 1, 2, 3], [g for g, _ in groups], [-4.5] * 4)
+    a = args(); a.cost_categories, a.threshold, a.thresholds = "cheating,violence", "1,-2", [1.0, -2.0]
+    assert ppo_lagrangian.select_constraints(groups, a) == ([3, 0], ["cheating", "violence"], [1.0, -2.0])
+    assert ppo_lagrangian.select_constraints([], args()) == (None, [""], [-4.5])
+    for bad, match in ((dict(cost_categories="violense"), "'violense' is not a group of the cost model cm"),
+                       (dict(threshold="1,2"), "2 values for 4 constrained groups")):
+        a = args()
+        a.cost_categories = bad.get("cost_categories", "")
+        a.thresholds = [float(x) for x in bad.get("threshold", "-4.5").split(",")]
+        a.threshold = bad.get("threshold", "-4.5")
+        with pytest.raises(common.UserError, match=match):
+            ppo_lagrangian.select_constraints(groups, a)
+    with pytest.raises(common.UserError, match="one overall cost"):
+        a = args(); a.cost_categories = "violence"
+        ppo_lagrangian.select_constraints([], a)
+    with pytest.raises(common.UserError, match="expected numbers"):
+        ppo_lagrangian.parse_args(["--threshold", "tight"])
+    with pytest.raises(common.UserError, match="add --objective cost"):
+        train_preference.parse_args(["--objective", "reward", "--cost_categories", "Violence"])
+    with pytest.raises(common.UserError, match="sequence-wise"):
+        train_preference.parse_args(["--objective", "cost", "--cost_categories", "Violence", "--loss_type", "token-wise"])
