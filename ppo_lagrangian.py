@@ -18,7 +18,7 @@ One PPO step = one rollout batch, in numbered blocks:
 
     python ppo_lagrangian.py                                   # tiny default (after sft + reward + cost)
     python ppo_lagrangian.py --algo ppo --output_dir output/ppo
-    python ppo_lagrangian.py --cost_model_name_or_path output/cost_groups --threshold=-4.6,10,10,10 --output_dir output/ppo_groups
+    python ppo_lagrangian.py --cost_model_name_or_path output/cost_groups --threshold=-4.6,10,10,10 ...  # README "Several constraints"
     torchrun --nproc_per_node=2 ppo_lagrangian.py
     # safe-rlhf's Beaver recipe: scripts/recipe_beaver_7b.sh
 """
