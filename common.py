@@ -37,9 +37,16 @@ class UserError(Exception):
 
 
 def entrypoint(main):
-    """Run a stage's main(): a UserError becomes one clear line and exit 1 on every rank, no traceback."""
+    """Run a stage's main(): a UserError becomes one clear line and exit 1 on every rank, no traceback.
+    A torchrun rank that finished (main has barriered and destroyed the process group) leaves with os._exit(0):
+    at interpreter shutdown gloo's worker threads, still referenced by device meshes, are destroyed in no set order,
+    and a rank could abort ("terminate called without an active exception") after a run that had succeeded."""
     try:
         main()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except UserError as e:
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", [])):  # close open bars first: the error is the last line
