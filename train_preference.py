@@ -262,8 +262,8 @@ def evaluate(model, pairs, args, pad_id, rank, world, device):
         if chunk:
             B = len(chunk)
             if args.groups:  # [2B, K] per head -> the aggregate; head scores and labels kept for per-group numbers
-                heads += end.tolist()[:B] + end.tolist()[B:2 * B]
-                harm += (batch[3] > 0).tolist()[:2 * B]
+                heads += end.tolist()  # [2B, K]: hi rows then lo rows, as safe_hi + safe_lo below
+                harm += (batch[3] > 0).tolist()
                 end = end.max(-1).values
             hi_all += end[:B].tolist(); lo_all += end[B:].tolist()
             safe_hi += safe[:B].tolist(); safe_lo += safe[B:].tolist()

@@ -91,6 +91,19 @@ def main_inprocess(script, *args):
     return code, out.getvalue(), err.getvalue()
 
 
+def nan_score_at_call(monkeypatch, n):
+    """Make ppo_lagrangian.end_scores return NaN on its n-th call (calls 1-2: rollout 1's reward and cost)."""
+    import ppo_lagrangian
+    scores, calls = ppo_lagrangian.end_scores, []
+
+    def nan_at_n(*a, **kw):
+        calls.append(1)
+        out = scores(*a, **kw)
+        return out * float("nan") if len(calls) == n else out
+
+    monkeypatch.setattr(ppo_lagrangian, "end_scores", nan_at_n)
+
+
 def metrics(output_dir, key=None):
     rows = [json.loads(l) for l in open(os.path.join(output_dir, "metrics.jsonl"))]
     return [r[key] for r in rows if key in r] if key else rows

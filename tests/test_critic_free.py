@@ -83,8 +83,7 @@ def test_critic_free_two_ranks_same_lambda_and_bitwise_resume(score_models, sft_
 
 def test_critic_free_nan_stop_and_reward_shaping(score_models, sft_model, tmp_path, monkeypatch):
     """The NaN stop and --algo reward_shaping with a critic-free estimator."""
-    import ppo_lagrangian
-    from conftest import main_inprocess
+    from conftest import main_inprocess, nan_score_at_call
     sft, _ = sft_model
     rm, cm = score_models
     m = ["--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm]
@@ -93,13 +92,6 @@ def test_critic_free_nan_stop_and_reward_shaping(score_models, sft_model, tmp_pa
     assert code in (0, None), err[-2000:]
     rows = [r for r in metrics(tmp_path / "shaping") if "train/shaped_reward" in r]
     assert len(rows) == 2 and all(math.isfinite(r["train/shaped_reward"]) for r in rows)
-    scores, calls = ppo_lagrangian.end_scores, []
-
-    def nan_in_rollout_2(*a, **kw):
-        calls.append(1)
-        out = scores(*a, **kw)
-        return out * float("nan") if len(calls) == 3 else out  # calls 1-2: rollout 1 (reward, cost)
-
-    monkeypatch.setattr(ppo_lagrangian, "end_scores", nan_in_rollout_2)
+    nan_score_at_call(monkeypatch, 3)  # rollout 2's reward is NaN
     code, _, err = main_inprocess("ppo_lagrangian.py", *m, *CRITIC_FREE, "--max_steps", 3, "--output_dir", tmp_path / "nan")
     assert code == 1 and "non-finite reward at rollout 2" in err.strip().splitlines()[-1], err[-2000:]

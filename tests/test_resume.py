@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import ROOT, TIMEOUT, main_inprocess, metrics, output_of, run, start
+from conftest import ROOT, TIMEOUT, main_inprocess, metrics, nan_score_at_call, output_of, run, start
 
 SFT = ["--max_steps", 16, "--save_every", 2, "--judge", "", "--eval_data", "", "--log_every", 1]
 
@@ -168,16 +168,8 @@ def test_nan_stops_before_the_checkpoint_and_the_last_good_one_resumes(tmp_path,
 
 
 def test_nan_score_in_ppo_stops_the_run(score_models, sft_model, tmp_path, monkeypatch):
-    import ppo_lagrangian
     reward, cost = score_models
-    scores, calls = ppo_lagrangian.end_scores, []
-
-    def nan_in_rollout_2(*a, **kw):
-        calls.append(1)
-        out = scores(*a, **kw)
-        return out * float("nan") if len(calls) == 3 else out  # calls 1-2: rollout 1 (reward, cost)
-
-    monkeypatch.setattr(ppo_lagrangian, "end_scores", nan_in_rollout_2)
+    nan_score_at_call(monkeypatch, 3)  # rollout 2's reward is NaN
     code, _, err = main_inprocess("ppo_lagrangian.py", "--actor_model_name_or_path", sft_model[0],
                                   "--reward_model_name_or_path", reward, "--cost_model_name_or_path", cost,
                                   "--max_steps", 4, "--per_device_prompt_batch_size", 16, "--eval_prompt_data", "",
