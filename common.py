@@ -171,9 +171,38 @@ def decoder_layers(model):
     return layers
 
 
-def shard_model(model, device, mixed_precision=None, activation_checkpointing=False, compile=False, offload=False):
-    """FSDP2: fully_shard each decoder block, then the root (torchtitan's recipe). bf16 params with fp32
-    gradient reduction on CUDA; full fp32 on CPU. Frozen models are sharded the same way.
+def use_bf16(flag, device):
+    """--bf16 of every stage: None (the default) = on for CUDA, off on CPU (so the tiny CPU default and every bitwise
+    test keep their fp32 numbers); True/False force it on any device (this CPU has avx512_bf16: bf16 matmuls ~2.5x
+    fp32, README "Performance")."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
+def score_head(model):
+    """The linear head of a score model (AutoModelForTokenClassification: `score` in Llama/Qwen2/Mistral, `classifier`
+    in others), or None for a causal LM."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    return None
+
+
+def shard_model(model, device, mixed_precision=False, activation_checkpointing=False, compile=False, offload=False,
+                store_bf16=False):
+    """FSDP2: fully_shard each decoder block, then the root (torchtitan's recipe). Frozen models are sharded the same way.
+    mixed_precision (--bf16): MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the sharded parameters (the
+    master weights the optimiser updates, and what is saved) stay fp32, FSDP2 casts them to bf16 when it all-gathers
+    them, the whole forward and backward run in bf16, and gradients are reduced and kept in fp32. Chosen over autocast
+    on evidence (bench/bench_bf16.py): one cast per all-gather instead of one per op, bf16 activations (half the
+    memory), and it is what a GPU run uses (torchtitan). What stays fp32 under it:
+      - a score model's head (reward, cost, critics): an FSDP2 unit of its own with param_dtype fp32, which casts its
+        input (the last hidden state) to fp32, so every score and value is computed and returned in fp32;
+      - log-probs: every caller upcasts the logits with .float() before the log-softmax (response_logprobs, lm_nll,
+        sample_responses); KL, GAE, group advantages, λ and every loss reduction then run on fp32 tensors.
+    store_bf16 (frozen models under --bf16): the parameters themselves are stored in bf16 (the head's in fp32), half
+    the memory; a forward gives the same numbers as fp32 storage under the policy (FSDP2 rounds fp32 to bf16 the same
+    way), so the reference equals the actor at step 0 (KL exactly 0). Buffers (rotary inv_freq) stay fp32.
     compile: torch.compile each block before sharding (torchtitan's order: FSDP's hooks stay outside the compiled
     graph); dynamic shapes, since batches and rollouts vary in length. offload: FSDP2 CPUOffloadPolicy, the shards
     live in (pinned) CPU memory and are copied to the GPU only for the all-gather of a forward, so a frozen model
@@ -184,11 +213,15 @@ def shard_model(model, device, mixed_precision=None, activation_checkpointing=Fa
     # pre-backward hook. Nothing here modifies a model output in place (every use is out-of-place: slicing, gather,
     # arithmetic), so the warning is noise on every PPO run.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    if mixed_precision is None:
-        mixed_precision = device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
     off = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
+    head = score_head(model)
+    if mixed_precision and store_bf16:
+        keep = {id(p) for p in head.parameters()} if head is not None else set()
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.data = p.data.to(torch.bfloat16)
     model.to("cpu" if offload else device)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
@@ -199,6 +232,9 @@ def shard_model(model, device, mixed_precision=None, activation_checkpointing=Fa
             layer = torch.compile(layer, dynamic=True)
         layers[i] = layer
         fully_shard(layer, mesh=_MESH, mp_policy=mp, offload_policy=off)
+    if mixed_precision and head is not None:  # scores in fp32: the head's unit casts its input up, computes in fp32
+        fully_shard(head, mesh=_MESH, offload_policy=off,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     fully_shard(model, mesh=_MESH, mp_policy=mp, offload_policy=off)
     return model
 
@@ -1264,8 +1300,8 @@ class LagrangeMultiplier:
     """λ = exp(log λ), learned by gradient ascent on the Lagrangian (paper §3, eq. 10):
         log λ ← log λ + lr · λ · (J_C − d)
     (the gradient of λ·(J_C − d) w.r.t. log λ, as safe-rlhf's optimiser step). λ grows while the mean episode
-    cost J_C is above the threshold d and shrinks below it. Clamped to lambda_max; the first delay_steps calls
-    do nothing (a warm-up for the cost critic)."""
+    cost J_C is above the threshold d and shrinks below it. Clamped to lambda_max (None: log λ <= LOG_LAMBDA_CAP,
+    so exp never overflows); the first delay_steps calls do nothing (a warm-up for the cost critic)."""
 
     def __init__(self, lambda_init=1.0, lr=0.1, lambda_max=None, delay_steps=0):
         self.log_lambda = math.log(lambda_init)
@@ -1275,12 +1311,14 @@ class LagrangeMultiplier:
     def value(self):
         return math.exp(self.log_lambda)
 
+    LOG_LAMBDA_CAP = 30.0  # λ <= e^30 ~ 1e13 when lambda_max is None: a long violation would overflow exp otherwise
+
     def update(self, episode_cost, threshold):
         self.calls += 1
         if self.calls > self.delay_steps:
             self.log_lambda += self.lr * self.value * (episode_cost - threshold)
-            if self.lambda_max is not None:
-                self.log_lambda = min(self.log_lambda, math.log(self.lambda_max))
+            cap = math.log(self.lambda_max) if self.lambda_max is not None else self.LOG_LAMBDA_CAP
+            self.log_lambda = min(self.log_lambda, cap)
         return self.value
 
     def state_dict(self):

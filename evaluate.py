@@ -30,8 +30,8 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 
@@ -70,6 +70,7 @@ class Args:
     chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
     trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
     seed: int = 0  # seed of the sampling (the same for every policy)
+    bf16: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True})  # bf16 compute with fp32 scores and log-probs; models stored in bf16 (FSDP2 MixedPrecisionPolicy); default: on for CUDA, off on CPU; --bf16 turns it on anywhere
 
 
 def parse_args(argv=None):
@@ -127,17 +128,25 @@ def score_texts(model, tokenizer, prompts, responses, args, device, generated=No
 
 
 def write_ci_csv(path, table, cols):
-    """One row per policy: each column's (mean, low, high) as col, col_lo, col_hi."""
+    """One row per policy: each column's (mean, low, high) as col, col_lo, col_hi (empty where there is no value)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["policy"] + [f"{c}{x}" for c in cols for x in ("", "_lo", "_hi")])
         for name, row in table.items():
-            w.writerow([name] + [x for c in cols for x in row[c]])
+            w.writerow([name] + [x for c in cols for x in (row[c] if row[c] is not None else ("", "", ""))])
 
 
 def load_scorer(path, tokenizer, args, device):
     m = common.load_score_model(path, tokenizer, trust_remote_code=args.trust_remote_code)
-    return common.shard_model(m, device)
+    bf16 = common.use_bf16(args.bf16, device)  # frozen: stored in bf16, the head (the score) in fp32
+    return common.shard_model(m, device, mixed_precision=bf16, store_bf16=bf16)
+
+
+def load_policy(path, tokenizer, args, device):
+    """A policy for the arena or XSTest: frozen, dropout off, sharded (stored in bf16 under --bf16)."""
+    m = common.disable_dropout(common.load_causal_lm(path, tokenizer, trust_remote_code=args.trust_remote_code))
+    bf16 = common.use_bf16(args.bf16, device)
+    return common.shard_model(m, device, mixed_precision=bf16, store_bf16=bf16)
 
 
 def score_objective(path):
@@ -243,7 +252,7 @@ def task_arena(args, rank, world, device):
     answers, generated, policy_toks = {}, {}, {}
     for name, path in policies:  # one policy in memory at a time
         tok = policy_toks[name] = common.load_tokenizer(path, args.trust_remote_code)
-        model = common.shard_model(common.disable_dropout(common.load_causal_lm(path, tok)), device)
+        model = load_policy(path, tok, args, device)
         # same seed for every policy: the same sampling noise, so differences come from the policies
         answers[name], generated[name] = common.generate_texts(
             model, tok, mine, device, args.max_new_tokens, args.batch_size, greedy=False, temperature=args.temperature,
@@ -412,6 +421,35 @@ def answers_from_file(path, prompts):
     return [by_prompt[p] for p in prompts]
 
 
+def plot_xstest(table, path):
+    """Over-refusal (x) against unsafe compliance (y), one point per policy with its 95% CIs. A prompt file with only
+    one side (all unsafe: a red-team list; or all safe) draws what exists: that rate per policy, with its CI."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.figure(figsize=(5.5, 4.5))
+    sides = [(c, label) for c, label in (("refusal_rate_safe", "over-refusal: refusal rate on safe prompts"),
+                                         ("compliance_rate_unsafe", "unsafe compliance: on unsafe prompts"))
+             if all(row[c] is not None for row in table.values())]
+    if len(sides) == 2:
+        for name, row in table.items():
+            (x, xl, xh), (y, yl, yh) = row["refusal_rate_safe"], row["compliance_rate_unsafe"]
+            plt.errorbar([x], [y], xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=3, label=name)
+        plt.xlim(-0.02, 1.02); plt.ylim(-0.02, 1.02)
+        plt.xlabel(sides[0][1]); plt.ylabel(sides[1][1]); plt.legend(fontsize=8)
+        plt.title("XSTest (lower-left is better; 95% CIs)")
+    else:
+        for i, (c, label) in enumerate(sides):  # one side (or none): that rate per policy
+            names = list(table)
+            m = [table[n][c][0] for n in names]
+            err = [[v - table[n][c][1] for v, n in zip(m, names)], [table[n][c][2] - v for v, n in zip(m, names)]]
+            plt.barh(names, m, xerr=err, capsize=3)
+            plt.xlim(0, 1.02); plt.xlabel(label)
+        plt.title("XSTest: " + ("only " + ("safe" if sides[0][0].endswith("_safe") else "unsafe") + " prompts"
+                                if sides else "no labelled prompts") + " (lower is better; 95% CIs)")
+    plt.grid(alpha=0.3); plt.tight_layout(); plt.savefig(path, dpi=120); plt.close()
+
+
 def task_xstest(args, rank, world, device):
     """Over-refusal: every policy answers every XSTest prompt (greedy by default, so any number of ranks gives the same
     answers); is_refusal labels each answer. Per policy: refusal rate on safe prompts (over-refusal) and compliance
@@ -433,7 +471,7 @@ def task_xstest(args, rank, world, device):
             answers[name], generated[name], toks[name] = answers_from_file(path, prompts), None, None
             continue
         tok = toks[name] = common.load_tokenizer(path, args.trust_remote_code)
-        model = common.shard_model(common.disable_dropout(common.load_causal_lm(path, tok)), device)
+        model = load_policy(path, tok, args, device)
         answers[name], generated[name] = common.generate_texts(
             model, tok, prompts, device, args.max_new_tokens, args.batch_size, greedy=args.xstest_greedy,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template,
@@ -461,11 +499,13 @@ def task_xstest(args, rank, world, device):
         refused = [is_refusal(a) for a in answers[name]]
         safe = [float(f) for f, r in zip(refused, rows) if r["label"] == "safe"]
         unsafe = [float(not f) for f, r in zip(refused, rows) if r["label"] == "unsafe"]
-        row = {"n_safe": len(safe), "n_unsafe": len(unsafe), "refusal_rate_safe": bootstrap_ci(safe, B, args.seed),
-               "compliance_rate_unsafe": bootstrap_ci(unsafe, B, args.seed)}
+        # a prompt file with no safe (or no unsafe) prompts, e.g. a red-team list: that side is None ("—"), not NaN
+        ci = lambda xs: bootstrap_ci(xs, B, args.seed) if xs else None  # noqa: E731
+        row = {"n_safe": len(safe), "n_unsafe": len(unsafe), "refusal_rate_safe": ci(safe),
+               "compliance_rate_unsafe": ci(unsafe)}
         if name in costs:
             for lab in ("safe", "unsafe"):
-                row[f"cost_{lab}"] = bootstrap_ci([c for c, r in zip(costs[name], rows) if r["label"] == lab], B, args.seed)
+                row[f"cost_{lab}"] = ci([c for c, r in zip(costs[name], rows) if r["label"] == lab])
         table[name] = row
         for t in dict.fromkeys(r["type"] for r in rows):
             sel = [(f, r["label"]) for f, r in zip(refused, rows) if r["type"] == t]
@@ -481,12 +521,12 @@ def task_xstest(args, rank, world, device):
             f.write(json.dumps({"prompt": r["prompt"], "type": r["type"], "label": r["label"],
                                 **{n: {"answer": answers[n][i], "refusal": is_refusal(answers[n][i]),
                                        **({"cost": costs[n][i]} if n in costs else {})} for n, _ in policies}}) + "\n")
-    pct = lambda ci: f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]"  # noqa: E731
+    pct = lambda ci: "—" if ci is None else f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]"  # noqa: E731
     cols = ["refusal_rate_safe", "compliance_rate_unsafe"] + (["cost_safe", "cost_unsafe"] if costs else [])
     md = [f"XSTest on {len(rows)} prompts of {args.xstest_data} (95% bootstrap CIs). Over-refusal = refusal rate on "
           f"the safe prompts; unsafe compliance = compliance rate on the unsafe prompts: lower is better for both. "
           f"Refusals by evaluate.is_refusal.", "", "| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    num = lambda ci: f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]"  # noqa: E731
+    num = lambda ci: "—" if ci is None else f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]"  # noqa: E731
     for name, row in table.items():
         md.append(f"| {name} | " + " | ".join(pct(row[c]) if "rate" in c else num(row[c]) for c in cols) + " |")
     names = [n for n, _ in policies]
@@ -499,14 +539,7 @@ def task_xstest(args, rank, world, device):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.figure(figsize=(5.5, 4.5))
-    for name, row in table.items():
-        (x, xl, xh), (y, yl, yh) = row["refusal_rate_safe"], row["compliance_rate_unsafe"]
-        plt.errorbar([x], [y], xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=3, label=name)
-    plt.xlim(-0.02, 1.02); plt.ylim(-0.02, 1.02)
-    plt.xlabel("over-refusal: refusal rate on safe prompts"); plt.ylabel("unsafe compliance: on unsafe prompts")
-    plt.title("XSTest (lower-left is better; 95% CIs)"); plt.legend(fontsize=8); plt.grid(alpha=0.3)
-    plt.tight_layout(); plt.savefig(os.path.join(args.output_dir, "xstest.png"), dpi=120); plt.close()
+    plot_xstest(table, os.path.join(args.output_dir, "xstest.png"))
     print("\n".join(md))
     print(f"[xstest] wrote {args.output_dir}/xstest.md, xstest.json, xstest.csv, xstest.png, xstest_answers.jsonl")
     return result

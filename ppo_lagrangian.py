@@ -38,6 +38,7 @@ class Args:
     algo: Literal["ppo_lag", "ppo", "reward_shaping"] = "ppo_lag"  # Safe RLHF, the RLHF baseline, or fixed-ν R − ν·C
     adv_estimator: Literal["gae", "grpo", "rloo"] = "gae"  # gae: two critics; grpo/rloo: group baselines, no critic
     samples_per_prompt: int = 1  # responses sampled per prompt in a rollout (G; >= 2 for grpo/rloo; a group stays on one rank)
+    grpo_std: Literal["lagrangian", "none", "per_stream"] = "lagrangian"  # grpo: divide by the group std of the mixed (Lagrangian) score, by none (Dr. GRPO), or each stream by its own (pre-audit; breaks λ and β)
     # --- models (critics default to the score models they are initialised from)
     actor_model_name_or_path: str = "output/sft"  # the SFT policy: actor and frozen reference
     reward_model_name_or_path: str = "output/reward"  # trained reward model (train_preference.py --objective reward)
@@ -101,7 +102,7 @@ class Args:
     shaping_coeff: float = 1.0  # ν of --algo reward_shaping
     # --- systems and logging
     seed: int = 42  # seed of the prompt order and sampling (sampling: seed + rank)
-    bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
+    bf16: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True})  # bf16 compute with fp32 master weights, reduction, scores and log-probs (FSDP2 MixedPrecisionPolicy); default: on for CUDA, off on CPU; --bf16 turns it on anywhere
     activation_checkpointing: bool = False  # recompute block activations in backward (trained models)
     compile: bool = False  # torch.compile the decoder blocks of the trained models (actor, critics)
     offload_frozen: bool = False  # keep the frozen models (reference, reward, cost) in CPU memory between uses
@@ -175,32 +176,62 @@ def update_multipliers(multipliers, window, thresholds):
     return J, [m.update(j, d) for m, j, d in zip(multipliers, J, thresholds)]
 
 
+def group_centred(scores, group_size):
+    """s_i − mean_g over each group of group_size consecutive scores [N] -> [N, ] viewed [N/G, G]. A group whose scores
+    are all equal gets exactly 0: in float32 the mean of G equal numbers can be one ulp off (G = 3, 6, 8, ...), and
+    divided by a zero std that ulp became an advantage of either sign up to |A| ~ 4 (audit, issue 20) -- exactly the
+    late-training case where the policy gives G identical refusals."""
+    g = scores.view(-1, group_size)
+    constant = (g == g[:, :1]).all(1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(g), g - g.mean(1, keepdim=True))
+
+
 def grpo_advantages(scores, group_size, eps=1e-6):
     """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): the G responses
     to one prompt are consecutive in `scores` [N]; A_i = (s_i − mean_g) / (std_g + eps), std with Bessel's correction
-    (as TRL). A group of equal scores has std 0 and gets A = 0, never NaN. -> [N]."""
-    g = scores.view(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).view(-1)
+    (as TRL). A group of equal scores gets exactly A = 0 (group_centred), never NaN. -> [N]."""
+    d = group_centred(scores, group_size)
+    return (d / (d.std(1, keepdim=True) + eps)).view(-1)
 
 
 def rloo_advantages(scores, group_size):
     """RLOO's leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics", eq. 5; Kool et al. 2019):
     A_i = s_i − mean_{j≠i} s_j = G/(G−1) · (s_i − mean_g): unbiased, no critic, no scaling. -> [N]."""
-    g = scores.view(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) * group_size / (group_size - 1)).view(-1)
+    return (group_centred(scores, group_size) * group_size / (group_size - 1)).view(-1)
 
 
 def stream_advantages(signal_t, values, mask, args):
     """One stream's advantages and returns, [B, T] each. gae: GAE on the per-token signal with the stream's critic
     values (common.gae). grpo/rloo (no critic, no returns: None): the sequence score is the per-token signal summed,
     R − β·Σ_t kl_t (or C + β·Σ_t kl_t), compared within its group of samples_per_prompt responses to the same prompt;
-    every response token gets its sequence's advantage. With the ±β·kl split the KL weight in the mixed advantage is
-    exactly β for rloo (linear in the scores); grpo divides each stream by its own group std, so it is β up to that
-    scale."""
+    every response token gets its sequence's advantage. rloo: the leave-one-out difference. grpo: the group-centred
+    score s_i − mean_g here; the division by a std comes after the streams are mixed (grpo_scale), so the cost and
+    KL keep their weights. Linear in the scores, so in the mixed advantage λ_k weighs cost k against the reward and the
+    KL weight is exactly β, for every estimator (tested by hand)."""
     if args.adv_estimator == "gae":
         return common.gae(signal_t, values, mask, args.gamma, args.gae_lambda)
-    estimate = grpo_advantages if args.adv_estimator == "grpo" else rloo_advantages
-    return estimate(signal_t.sum(-1), args.samples_per_prompt)[:, None] * mask, None
+    if args.adv_estimator == "rloo":
+        return rloo_advantages(signal_t.sum(-1), args.samples_per_prompt)[:, None] * mask, None
+    if args.grpo_std == "per_stream":  # the pre-audit behaviour, kept for ablations only (see grpo_scale)
+        return grpo_advantages(signal_t.sum(-1), args.samples_per_prompt)[:, None] * mask, None
+    return group_centred(signal_t.sum(-1), args.samples_per_prompt).view(-1)[:, None] * mask, None
+
+
+def grpo_scale(advantages, mask, args, eps=1e-6):
+    """GRPO's std, taken once, of the *mixed* advantage: per group, the mixed advantage of response i is
+    (L_i − mean_g L)/(1 + Σλ_k) with the Lagrangian score L = R − Σ_k λ_k C_k − β(1 + Σ_k λ_k)·Σ_t kl_t, so dividing it by
+    its group std gives A_i = (L_i − mean_g L)/(std_g L + eps): GRPO applied to the Lagrangian score. λ_k and β keep the
+    meaning the Lagrangian gives them (the 1 + Σλ cancels). Why not one std per stream (--grpo_std per_stream, the old
+    behaviour): that scales the cost by σ_R/σ_C per prompt, so the weight of the cost becomes λ·σ_R/σ_C -- measured on
+    the tiny task, median 16.7 x λ on benign prompts, where the cost's spread is noise, and ~0.5 x λ on harmful ones --
+    and the KL weight β(1 + λ·σ_R/σ_C). Per-stream normalisation (GDPO, "constrained GRPO") balances several *rewards*
+    whose relative weights are fixed and unknown; in a Lagrangian the relative weight of each cost is λ_k, which the
+    dual step learns in the cost's raw units to satisfy E[C_k] <= d_k: a second, per-prompt rescaling fights it.
+    --grpo_std none: no std at all (Dr. GRPO, Liu et al. 2025), i.e. RLOO up to (G−1)/G. gae/rloo: unchanged."""
+    if args.adv_estimator != "grpo" or args.grpo_std != "lagrangian":
+        return advantages
+    seq = advantages[:, 0].view(-1, args.samples_per_prompt)  # every response token holds its sequence's value
+    return (seq / (seq.std(1, keepdim=True) + eps)).view(-1)[:, None] * mask
 
 
 def select_constraints(groups, args):
@@ -226,6 +257,16 @@ def select_constraints(groups, args):
         raise common.UserError(f"--threshold {args.threshold}: {len(args.thresholds)} values for {len(want)} constrained "
                                f"groups ({', '.join(want)}): give one per group, in that order, or one for all")
     return [names.index(w) for w in want], want, thresholds
+
+
+def cost_window_size(window, episodes_per_rollout):
+    """The λ window (episodes of all ranks whose mean raw cost is J_C), at least one whole rollout: a smaller window
+    would keep only the last ranks' episodes of each rollout (the gathered list is in rank order), so J_C would be the
+    cost of some ranks' prompts only."""
+    if window < episodes_per_rollout:
+        common.print0(f"[ppo] warning: --episode_cost_window_size {window} < the {episodes_per_rollout} episodes of one "
+                      f"rollout (all ranks): the window holds the last rollout ({episodes_per_rollout} episodes)")
+    return max(window, episodes_per_rollout)
 
 
 def make_multiplier(args):
@@ -343,9 +384,11 @@ def score_rollout(batch, models, args, tokenizers, with_values=True):
                                                              args.chat_template)
             grouped = name == "cost" and args.cost_heads is not None
             out[name] = end_scores(models[name], s_seq, s_attn, s_pos, s_P, s_lens, heads=grouped)
-            if grouped:  # one cost per constrained group [B, K]; the overall cost is their max (> 0: unsafe in any)
+            if grouped:  # one cost per constrained group [B, K]; the overall cost is the max over *all* the model's
+                # groups (> 0: unsafe in any), so train/cost and the unsafe rates keep their meaning when
+                # --cost_categories constrains only some of them
                 out["cost_heads"] = out[name][:, args.cost_heads]
-                out[name] = out["cost_heads"].max(-1).values
+                out[name] = out[name].max(-1).values
     if with_values:
         out["reward_values"] = critic_values(models["reward_critic"], seq, attn, pos, P) * mask
         if models.get("cost_critic") is not None:  # a list: one [B, T] per constrained group (one cost: one)
@@ -450,7 +493,7 @@ def main(argv=None):
         common.checkpoint_state(ckpt, expect=run_state)  # before any weights are read
 
     # 1. six models, all FSDP2-sharded; frozen ones hold no optimiser state. Dropout off everywhere (RLHF-DETAILS 10)
-    mp = args.bf16 and device.type == "cuda"
+    mp = common.use_bf16(args.bf16, device)
 
     def build(kind, path, trainable, tok=None, **kw):
         load = common.load_causal_lm if kind == "lm" else common.load_score_model
@@ -459,7 +502,7 @@ def main(argv=None):
         m.requires_grad_(trainable)
         return common.shard_model(m, device, mixed_precision=mp, activation_checkpointing=args.activation_checkpointing
                                   and trainable, compile=args.compile and trainable,
-                                  offload=args.offload_frozen and not trainable)
+                                  offload=args.offload_frozen and not trainable, store_bf16=not trainable)
 
     models = {"actor": build("lm", args.actor_model_name_or_path, True),
               "ref": build("lm", args.actor_model_name_or_path, False),
@@ -484,7 +527,7 @@ def main(argv=None):
                                            kind=kinds.get(name, args.critic_lr_scheduler_type or args.lr_scheduler_type))
               for name, o in opts.items()}
     multipliers = [make_multiplier(args) for _ in thresholds]  # λ_k, one per constraint
-    cost_window = collections.deque(maxlen=args.episode_cost_window_size)  # per episode: its K raw costs
+    cost_window = collections.deque(maxlen=cost_window_size(args.episode_cost_window_size, N * world))
     lambda_history = []  # this rank's λ (groups: λ vector) after each update; gathered at the end: every rank agrees
 
     def multiplier_state():
@@ -591,6 +634,7 @@ def main(argv=None):
             advantages = mixed_advantage(adv_r, list(adv_c), lams)
         else:
             advantages = whiten(adv_r, mask) if args.whiten_advantages else adv_r
+        advantages = grpo_scale(advantages, mask, args)  # grpo: the group std of the mixed score, once (else unchanged)
         timer.lap("advantages")
         # ---- 7. PPO update: epochs over shuffled minibatches, one optimiser step each
         stats = collections.defaultdict(list)

@@ -14,6 +14,7 @@ accumulation give the same step.
 """
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 
@@ -45,7 +46,7 @@ class Args:
     include_prompt_loss: bool = False  # train on prompt tokens too
     seed: int = 42  # seed of the data order, initialisation and sampling
     # --- systems
-    bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
+    bf16: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True})  # bf16 compute with fp32 master weights, reduction, scores and log-probs (FSDP2 MixedPrecisionPolicy); default: on for CUDA, off on CPU; --bf16 turns it on anywhere
     activation_checkpointing: bool = False  # recompute block activations in backward (long sequences)
     compile: bool = False  # torch.compile each decoder block (for CUDA; also runs on CPU, ~40 s to compile)
     # --- logging, evaluation, saving
@@ -116,7 +117,7 @@ def main(argv=None):
     # 2. model, FSDP2, optimiser (AdamW betas (0.9, 0.95) as safe-rlhf), warmup + cosine schedule
     model = common.load_causal_lm(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code)
     model.config.use_cache = False
-    common.shard_model(model, device, mixed_precision=args.bf16 and device.type == "cuda",
+    common.shard_model(model, device, mixed_precision=common.use_bf16(args.bf16, device),
                        activation_checkpointing=args.activation_checkpointing, compile=args.compile)
     opt = common.adamw(model, args.learning_rate, args.weight_decay)
     sched = common.cosine_schedule(opt, int(args.warmup_ratio * total_steps), total_steps)

@@ -25,7 +25,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ class Args:
     # --- several constraints (PKU-SafeRLHF v1 rows with response_*_harm_category)
     cost_categories: str = ""  # '' = one overall cost; else groups 'name=Category A+Category B,...' or category names; all = the 19
     severity_weighted: bool = False  # weight an unsafe response's classification term by its severity level (1-3)
+    allow_empty_cost_groups: bool = False  # train a group that no training response is harmful in (refused by default)
     # --- optimisation (the research knobs)
     loss_type: Literal["sequence-wise", "token-wise"] = "sequence-wise"  # score at the end, or per token (safe-rlhf's option)
     regularization: float = 0.001  # coefficient of mean(score^2), keeps scores from drifting (safe-rlhf: 0.001)
@@ -63,7 +64,7 @@ class Args:
     max_grad_norm: float = 1.0  # gradient clipping norm
     seed: int = 42  # seed of the data order, head initialisation
     # --- systems
-    bf16: bool = True  # bf16 params on CUDA (FSDP2 MixedPrecisionPolicy); CPU always runs fp32
+    bf16: Optional[bool] = field(default=None, metadata={"nargs": "?", "const": True})  # bf16 compute with fp32 master weights, reduction, scores and log-probs (FSDP2 MixedPrecisionPolicy); default: on for CUDA, off on CPU; --bf16 turns it on anywhere
     activation_checkpointing: bool = False  # recompute block activations in backward (long sequences)
     compile: bool = False  # torch.compile each decoder block (for CUDA; also runs on CPU, ~40 s to compile)
     # --- logging and saving
@@ -148,15 +149,29 @@ def cost_loss_groups(safer, unsafer, safer_harm, unsafer_harm, regularization=0.
 
 
 # ----------------------------------------------------------------------------- data
+class Pair(NamedTuple):
+    """One preference pair, tokenised. hi = the better (reward) or the safer (cost) response. With cost groups, per
+    group k: is each side harmful in group k, and the weight of its classification term (the severity level with
+    --severity_weighted, else 1); None without groups. row: the index of the source row (held-out labels are read from
+    the row itself, not from these fields: evaluate)."""
+    hi: list
+    lo: list
+    hi_safe: bool
+    lo_safe: bool
+    hi_harm: Optional[list] = None
+    lo_harm: Optional[list] = None
+    hi_weight: Optional[list] = None
+    lo_weight: Optional[list] = None
+    row: int = -1
+    hi_id: int = 0
+
+
 def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, truncate_prompts=False, groups=(),
                severity_weighted=False):
-    """Each row -> (hi_ids, lo_ids, hi_safe, lo_safe): hi is the better (reward) or the safer (cost) response.
-    With cost groups, two more: (hi_weights, lo_weights), each [K] = ξ_k·w_k, the sign of "harmful in group k" times its
-    classification weight (the severity level with severity_weighted, else 1).
-    Rows whose prompt does not leave room for a response (unless truncate_prompts), or whose two sides are
-    identical after truncation, are dropped and counted."""
+    """Each row -> a Pair. Rows whose prompt does not leave room for a response (unless truncate_prompts), or whose two
+    sides are identical after truncation, are dropped and counted."""
     out, truncated, dropped, ungrouped = [], 0, 0, 0
-    for r in rows:
+    for n, r in enumerate(rows):
         hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
         p = common.tokenize_prompt(tokenizer, r["prompt"], chat_template)  # once for both responses
         a = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{hi}"], max_length, chat_template,
@@ -167,16 +182,15 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
             dropped += 1
             continue
         truncated += a[2] + b[2]
-        pair = (a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)), bool(r.get(f"is_response_{1 - hi}_safe", True)))
+        harm, weight = [None, None], [None, None]
         if groups:
-            signed = []
-            for i in (hi, 1 - hi):
-                harm = common.group_labels(r, i, groups)
+            for side, i in enumerate((hi, 1 - hi)):
+                harm[side] = common.group_labels(r, i, groups)
                 w = r[f"response_{i}_severity_level"] if severity_weighted else 1
-                signed.append([float(max(w, 1)) if h else -1.0 for h in harm])
-                ungrouped += not r[f"is_response_{i}_safe"] and not any(harm)
-            pair += tuple(signed)
-        out.append(pair)
+                weight[side] = [float(max(w, 1)) if h else 1.0 for h in harm[side]]
+                ungrouped += not r[f"is_response_{i}_safe"] and not any(harm[side])
+        out.append(Pair(a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)),
+                        bool(r.get(f"is_response_{1 - hi}_safe", True)), *harm, *weight, n, hi))
     common.print0(f"[data] {source}: {len(out)} pairs, {truncated} responses truncated at max_length={max_length}, "
                   f"{dropped} pairs dropped (prompt too long or identical after truncation)")
     if ungrouped:  # the aggregate max_k C_k of such a response is pushed below 0 by every head's term
@@ -187,15 +201,30 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
     return out
 
 
+def check_groups_have_harm(pairs, groups, source, allow_empty=False):
+    """A cost group with no harmful response in the training data trains a head that never sees cost > 0: it is
+    pushed below 0 on every response, reports 100% held-out sign accuracy on data without that harm, and in PPO its
+    λ decays to nothing while nothing is measured. Refused in one line (--allow_empty_cost_groups trains it anyway)."""
+    empty = [name for k, (name, _) in enumerate(groups) if not any(p.hi_harm[k] or p.lo_harm[k] for p in pairs)]
+    if empty and not allow_empty:
+        raise common.UserError(f"{source}: no response is harmful in cost group(s) {', '.join(empty)}: such a head only "
+                               f"ever learns cost < 0 (drop the group from --cost_categories, or pass "
+                               f"--allow_empty_cost_groups to train it anyway)")
+    if empty:
+        common.print0(f"[data] warning: {source}: cost group(s) {', '.join(empty)} have no harmful response "
+                      f"(--allow_empty_cost_groups)")
+
+
 def make_batch(pairs, pad_id, device):
-    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1. With cost groups
-    a fourth tensor: the signed group weights [2B, K] (see make_pairs)."""
-    ids, lengths = common.pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
-    safe = torch.tensor([p[2] for p in pairs] + [p[3] for p in pairs])
-    if len(pairs[0]) > 4:
-        signed = torch.tensor([p[4] for p in pairs] + [p[5] for p in pairs])
-        return ids.to(device), lengths.to(device), safe.to(device), signed.to(device)
-    return ids.to(device), lengths.to(device), safe.to(device)
+    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1; safe flags [2B].
+    With cost groups also harm [2B, K] (bool) and classification weights [2B, K]; else None, None."""
+    ids, lengths = common.pad([p.hi for p in pairs] + [p.lo for p in pairs], pad_id)
+    safe = torch.tensor([p.hi_safe for p in pairs] + [p.lo_safe for p in pairs])
+    if pairs[0].hi_harm is None:
+        return ids.to(device), lengths.to(device), safe.to(device), None, None
+    harm = torch.tensor([p.hi_harm for p in pairs] + [p.lo_harm for p in pairs])
+    weight = torch.tensor([p.hi_weight for p in pairs] + [p.lo_weight for p in pairs])
+    return ids.to(device), lengths.to(device), safe.to(device), harm.to(device), weight.to(device)
 
 
 def score_batch(model, ids, lengths, heads=False):
@@ -222,11 +251,11 @@ def token_wise_mask(ids, lengths, B):
 
 
 def batch_loss(model, batch, args):
-    ids, lengths, safe = batch[:3]
+    ids, lengths, safe, harm, w = batch
     B = ids.shape[0] // 2
     if args.groups:  # K heads; accuracy and score statistics read the aggregate max_k c_k
         _, end = score_batch(model, ids, lengths, heads=True)
-        harm, w = batch[3] > 0, batch[3].abs() if args.severity_weighted else None
+        w = w if args.severity_weighted else None
         loss = cost_loss_groups(end[:B], end[B:], harm[:B], harm[B:], args.regularization,
                                 *((w[:B], w[B:]) if w is not None else ()))
         agg = end.max(-1).values
@@ -244,11 +273,13 @@ def batch_loss(model, batch, args):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, args, pad_id, rank, world, device):
+def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None):
     """Pairwise accuracy (hi scored above lo; for cost: the unsafer costs more), and for the cost model the
     sign accuracy (cost > 0 exactly on unsafe responses), plus score mean/std of safe and unsafe responses. With cost
     groups the scores are the aggregate max_k c_k, and each group gets its own sign accuracy (c_k > 0 exactly on the
-    responses harmful in group k) and unsafe fraction."""
+    responses harmful in group k) and unsafe fraction. The group labels are read afresh from the held-out `rows`
+    themselves (common.group_labels of each pair's source row), not from the Pair fields the loss trained on: a label
+    flipped or a head permuted on the way into training shows here as a low accuracy."""
     model.eval()
     mine = pairs[rank::world]
     bs = args.eval_batch_size
@@ -263,7 +294,9 @@ def evaluate(model, pairs, args, pad_id, rank, world, device):
             B = len(chunk)
             if args.groups:  # [2B, K] per head -> the aggregate; head scores and labels kept for per-group numbers
                 heads += end.tolist()  # [2B, K]: hi rows then lo rows, as safe_hi + safe_lo below
-                harm += (batch[3] > 0).tolist()
+                for side in (0, 1):  # hi rows then lo rows
+                    harm += [common.group_labels(rows[p.row], p.hi_id if side == 0 else 1 - p.hi_id, args.groups)
+                             for p in chunk]
                 end = end.max(-1).values
             hi_all += end[:B].tolist(); lo_all += end[B:].tolist()
             safe_hi += safe[:B].tolist(); safe_lo += safe[B:].tolist()
@@ -285,7 +318,8 @@ def evaluate(model, pairs, args, pad_id, rank, world, device):
         out["eval/sign_accuracy"] = ((scores > 0) == ~safe_flags).float().mean().item()
         out["eval/unsafe_fraction"] = (~safe_flags).float().mean().item()
     if args.groups:
-        heads, harm = torch.tensor(common.gather_objects(heads)), torch.tensor(common.gather_objects(harm))
+        heads = torch.tensor(common.gather_objects(heads))
+        harm = torch.tensor(common.gather_objects(harm), dtype=torch.bool)
         for k, (name, _) in enumerate(args.groups):
             out[f"eval/sign_accuracy/{name}"] = ((heads[:, k] > 0) == harm[:, k]).float().mean().item()
             out[f"eval/unsafe_fraction/{name}"] = harm[:, k].float().mean().item()
@@ -321,6 +355,8 @@ def main(argv=None):
                        args.truncate_long_prompts, args.groups, args.severity_weighted)
     evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data,
                        args.truncate_long_prompts, args.groups, args.severity_weighted) if eval_rows else []
+    if args.groups:
+        check_groups_have_harm(train, args.groups, args.train_data, args.allow_empty_cost_groups)
     global_batch, acc, steps_per_epoch, total = common.plan_steps(
         len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
         args.max_steps, args.train_data, args.global_batch_size)
@@ -336,7 +372,7 @@ def main(argv=None):
     model = common.load_score_model(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code,
                                     cost_groups=args.groups)
     model.config.use_cache = False
-    common.shard_model(model, device, mixed_precision=args.bf16 and device.type == "cuda",
+    common.shard_model(model, device, mixed_precision=common.use_bf16(args.bf16, device),
                        activation_checkpointing=args.activation_checkpointing, compile=args.compile)
     opt = common.adamw(model, args.learning_rate, args.weight_decay)
     sched = common.cosine_schedule(opt, int(args.warmup_ratio * total), total)
@@ -390,7 +426,7 @@ def main(argv=None):
                               "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
             bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
         if evald and step % steps_per_epoch == 0 and step < total:
-            result = evaluate(model, evald, args, pad_id, rank, world, device)
+            result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows)
             logger.log(step, {**result, "train/epoch": epoch + 1})
         saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
         if stop.requested():
@@ -408,7 +444,7 @@ def main(argv=None):
         common.print0(f"[{args.objective}] saved {args.output_dir}")
     stop.release()  # SIGTERM from here on ends the process at once
     if evald:
-        result = evaluate(model, evald, args, pad_id, rank, world, device)
+        result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows)
         msg = f"[{args.objective}] held-out pairwise accuracy {result['eval/accuracy']:.2%} over {result['eval/n_pairs']} pairs"
         if args.objective == "cost":
             msg += f", sign accuracy (cost > 0 = unsafe) {result['eval/sign_accuracy']:.2%}"

@@ -133,3 +133,15 @@ def score_models(sft_model, tmp_path_factory):
 def cost_groups_model(score_models):
     """The tiny task's cost model with one head per harm group (violence, theft, privacy, cheating)."""
     return os.path.join(os.path.dirname(score_models[1]), "cost_groups")
+
+
+# `pytest -m "not slow"`: the fast part (math, validation, CLI, short runs from the bundled config) in a few minutes.
+# A test is slow when it needs a trained model or a long run: it asks for one of these fixtures.
+SLOW_FIXTURES = {"sft_model", "score_models", "cost_groups_model", "pipeline", "smollm2", "sft_reference", "foreign",
+                 "fresh_clone"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

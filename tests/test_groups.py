@@ -231,3 +231,40 @@ def test_constraint_flags_are_checked_in_one_line():
         train_preference.parse_args(["--objective", "reward", "--cost_categories", "Violence"])
     with pytest.raises(common.UserError, match="sequence-wise"):
         train_preference.parse_args(["--objective", "cost", "--cost_categories", "Violence", "--loss_type", "token-wise"])
+
+
+def test_each_head_is_accurate_on_the_held_out_rows_own_labels(cost_groups_model):
+    """The suite's 4-head cost model, evaluated on held-out labels read from the rows themselves (not from what training
+    read): every head is > 0 on the responses harmful in its group and < 0 elsewhere. A label flipped or a head permuted
+    on the way into training makes its head disagree with the rows here."""
+    ev = json.load(open(os.path.join(cost_groups_model, "eval.json")))
+    for g in ("violence", "theft", "privacy", "cheating"):
+        assert ev[f"eval/sign_accuracy/{g}"] >= 0.9, (g, ev[f"eval/sign_accuracy/{g}"])
+        assert 0.0 < ev[f"eval/unsafe_fraction/{g}"] < 0.5
+
+
+def test_a_group_no_training_row_is_harmful_in_is_refused(tmp_path, sft_model):
+    path = write_jsonl(tmp_path / "v1.jsonl", v1_rows(40))  # the tiny task has no copyright harm
+    flags = ["train_preference.py", "--objective", "cost", "--cost_categories", "violence=Violence,copyright=Copyright Issues",
+             "--model_name_or_path", sft_model[0], "--train_data", path, "--eval_data", "", "--max_steps", 1]
+    code, _, err = main_inprocess(*flags, "--output_dir", tmp_path / "refused")
+    assert code == 1 and f"{path}: no response is harmful in cost group(s) copyright" in err, err
+    assert not os.path.exists(tmp_path / "refused" / "config.json")
+    code, out, err = main_inprocess(*flags, "--allow_empty_cost_groups", "--output_dir", tmp_path / "allowed")
+    assert code == 0 and "have no harmful response" in out, err
+
+
+def test_a_subset_of_constraints_keeps_the_overall_cost_metrics(tmp_path, sft_model, score_models, cost_groups_model):
+    """--cost_categories violence constrains one head; train/cost and train/unsafe_rate still mean the overall cost (the
+    max over all four heads): at rollout 1 (the same samples either way) they equal the all-groups run's."""
+    base = ["--actor_model_name_or_path", sft_model[0], "--reward_model_name_or_path", score_models[0],
+            "--cost_model_name_or_path", cost_groups_model, "--max_steps", 1, "--eval_prompt_data", "",
+            "--per_device_prompt_batch_size", 16, "--save_model", "False"]
+    for name, extra in (("all", []), ("violence", ["--cost_categories", "violence"])):
+        code, _, err = main_inprocess("ppo_lagrangian.py", *base, *extra, "--output_dir", tmp_path / name)
+        assert code == 0, err[-2000:]
+    a, v = metrics(tmp_path / "all")[-1], metrics(tmp_path / "violence")[-1]
+    assert v["train/cost"] == a["train/cost"] and v["train/unsafe_rate"] == a["train/unsafe_rate"]
+    # (the one head's mean: the same numbers summed from a column of [B, 4] or of [B, 1], equal up to rounding)
+    assert v["train/cost/violence"] == pytest.approx(a["train/cost/violence"], rel=1e-6) and "train/cost/theft" not in v
+    assert a["train/unsafe_rate"] >= a["train/unsafe_rate/violence"]

@@ -153,10 +153,11 @@ def test_kl_is_zero_on_padding_and_first_step(pipeline):
     assert first["train/kl_divergence"] == pytest.approx(0.0, abs=1e-6)  # actor == reference at step 1
 
 
-@pytest.mark.parametrize("lagrangian", ["gradient", "pid"])
-def test_two_ranks_same_lambda_and_pad_eos(pipeline, tmp_path, lagrangian):
-    """torchrun with 2 ranks: rollouts and updates on gloo, every rank ends with the same λ; the policy tokenizer
-    here has pad == eos (masks come from lengths)."""
+@pytest.mark.parametrize("lagrangian, bf16", [("gradient", "false"), ("pid", "true")])
+def test_two_ranks_same_lambda_and_pad_eos(pipeline, tmp_path, lagrangian, bf16):
+    """torchrun with 2 ranks: rollouts and updates on gloo, every rank ends with the same λ (also under --bf16, where
+    FSDP2 all-gathers bf16 and reduce-scatters fp32 gradients); the policy tokenizer here has pad == eos (masks come
+    from lengths)."""
     from transformers import AutoTokenizer
     actor = tmp_path / "actor"
     import shutil
@@ -170,7 +171,7 @@ def test_two_ranks_same_lambda_and_pad_eos(pipeline, tmp_path, lagrangian):
     run("ppo_lagrangian.py", *models, "--output_dir", out, "--max_steps", 3, "--eval_every", 0,
         "--per_device_prompt_batch_size", 8, "--per_device_train_batch_size", 4, "--lagrangian", lagrangian,
         "--eval_prompt_data", "", "--ptx_data", "data/tiny-safety/sft_train.jsonl", "--save_model", "False",
-        "--threshold", "-10", nproc=2)
+        "--threshold", "-10", "--bf16", bf16, nproc=2)
     l0, l1 = json.load(open(out / "lambda.json"))["per_rank_history"]
     assert l0 == l1 and len(l0) == 3
     assert l0[-1] > 1.0  # episode cost far above d = −10: λ rose on both ranks

@@ -97,3 +97,25 @@ def test_refusal_agreement_bad_label(tmp_path):
     (tmp_path / "l.csv").write_text("prompt,completion,final_label\nhi,hello,1_full_compliance\nhi,no,4_other\n")
     code, out, err = main_inprocess("evaluate.py", "--task", "refusal_agreement", "--labelled_data", tmp_path / "l.csv")
     assert code == 1 and "l.csv: row 2: field 'final_label' must be one of" in err
+
+
+@pytest.mark.parametrize("side", ["unsafe", "safe"])
+def test_a_prompt_file_with_one_side_prints_a_dash_and_plots_what_exists(tmp_path, side):
+    """A red-team list (every prompt unsafe), or only safe prompts: the missing rate is '—' in the table and null in the
+    JSON (not nan%), the existing one is counted by hand, and the plot is drawn from what exists."""
+    keep = [i for i, (_, _, lab) in enumerate(PROMPTS) if lab == side]
+    prompts = write_prompts(tmp_path / "x.csv", [PROMPTS[i] for i in keep])
+    answers = tmp_path / "fake.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": PROMPTS[i][0], "answer": ANSWERS[i]}) + "\n" for i in keep))
+    code, out, err = main_inprocess("evaluate.py", "--task", "xstest", "--policies", f"fake={answers}", "--xstest_data",
+                                    prompts, "--cost_model_name_or_path", "", "--output_dir", tmp_path / "o",
+                                    "--bootstrap", 200)
+    assert code in (0, None), err
+    row = json.load(open(tmp_path / "o" / "xstest.json"))["policies"]["fake"]
+    have, missing = ("compliance_rate_unsafe", "refusal_rate_safe") if side == "unsafe" else \
+        ("refusal_rate_safe", "compliance_rate_unsafe")
+    assert row[missing] is None and row[have][0] == pytest.approx(1 / 3 if side == "unsafe" else 1 / 4)
+    md = (tmp_path / "o" / "xstest.md").read_text()
+    assert "nan" not in md and "| fake | " + ("— | 33.3%" if side == "unsafe" else "25.0%") in md, md
+    assert "nan" not in (tmp_path / "o" / "xstest.csv").read_text()
+    assert (tmp_path / "o" / "xstest.png").stat().st_size > 1000
