@@ -84,4 +84,10 @@ def machine():
     import platform
     import torch
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {"device": dev, "torch": torch.__version__, "python": platform.python_version()}
+    cpu, flags = "", ""
+    if os.path.exists("/proc/cpuinfo"):  # bf16 speed on a CPU depends on the model (README "Performance")
+        info = open("/proc/cpuinfo").read()
+        cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "")
+        flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in info)
+    return {"device": dev, "cpu": cpu, "bf16_flags": flags, "torch": torch.__version__,
+            "python": platform.python_version()}

@@ -4,9 +4,9 @@ seeded weights), data, batch sizes and response length: our sft.py vs `SFTTraine
 (PPO: per rollout batch) is the wall time between consecutive step ends, median after 2 warm-up steps, for both
 sides; the ratio is TRL's time / ours (> 1: ours is faster). One process each (1 rank).
 
-    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r requirements.txt -r bench/requirements.txt
-    .venv-bench/bin/python bench/bench_trl.py                    # writes bench/results/trl.json
-    .venv-bench/bin/python bench/bench_trl.py --only ppo --response_length 64 --repeats 3
+    python3 -m venv .venv-trl112 && .venv-trl112/bin/pip install -r requirements.txt trl==1.12.0 accelerate==1.15.0  # its PPO
+    .venv-trl112/bin/python bench/bench_trl.py                    # writes bench/results/trl.json
+    .venv-trl112/bin/python bench/bench_trl.py --only ppo --response_length 64 --repeats 3
 """
 import argparse
 import json

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled tiny default: SFT -> reward model -> cost model -> PPO (RLHF baseline) ->
-# PPO-Lagrangian (Safe RLHF) -> arena of SFT vs PPO vs PPO-Lagrangian, judged by the models and by the exact
-# rule judge. ~10 minutes on 2 CPU cores. NPROC=2 runs every stage under torchrun with 2 ranks.
+# PPO-Lagrangian (Safe RLHF), plus the offline baselines DPO (helpfulness label) and SafeDPO -> arena of all five,
+# judged by the models and by the exact rule judge. ~12 minutes on 2 CPU cores. NPROC=2 runs every stage under
+# torchrun with 2 ranks. The wall time of each stage goes to $OUT/wall_times.tsv.
 #   bash scripts/pipeline.sh            OUT=output NPROC=1 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,14 +17,23 @@ if [ "$NPROC" -gt 1 ]; then
 else
   RUN=python
 fi
+mkdir -p $OUT
+: > $OUT/wall_times.tsv
+timed() {  # timed NAME command...: run it, append "NAME<TAB>seconds" to $OUT/wall_times.tsv
+  local name=$1 t0=$SECONDS; shift
+  "$@"
+  printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> $OUT/wall_times.tsv
+}
 set -x
-$RUN sft.py --output_dir $OUT/sft --overwrite $STAGE_EXTRA
-$RUN train_preference.py --objective reward --model_name_or_path $OUT/sft --output_dir $OUT/reward --overwrite $STAGE_EXTRA
-$RUN train_preference.py --objective cost --model_name_or_path $OUT/sft --output_dir $OUT/cost --overwrite $STAGE_EXTRA
+timed sft $RUN sft.py --output_dir $OUT/sft --overwrite $STAGE_EXTRA
+timed reward $RUN train_preference.py --objective reward --model_name_or_path $OUT/sft --output_dir $OUT/reward --overwrite $STAGE_EXTRA
+timed cost $RUN train_preference.py --objective cost --model_name_or_path $OUT/sft --output_dir $OUT/cost --overwrite $STAGE_EXTRA
 MODELS="--actor_model_name_or_path $OUT/sft --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost"
-$RUN ppo_lagrangian.py --algo ppo $MODELS --output_dir $OUT/ppo --overwrite $EXTRA
-$RUN ppo_lagrangian.py --algo ppo_lag $MODELS --output_dir $OUT/ppo_lag --overwrite $EXTRA
-$RUN evaluate.py --task arena --policies sft=$OUT/sft,ppo=$OUT/ppo,ppo_lag=$OUT/ppo_lag \
+timed ppo $RUN ppo_lagrangian.py --algo ppo $MODELS --output_dir $OUT/ppo --overwrite $EXTRA
+timed ppo_lag $RUN ppo_lagrangian.py --algo ppo_lag $MODELS --output_dir $OUT/ppo_lag --overwrite $EXTRA
+timed dpo $RUN dpo.py --loss dpo --preference better --model_name_or_path $OUT/sft --output_dir $OUT/dpo --overwrite $STAGE_EXTRA
+timed safedpo $RUN dpo.py --loss safedpo --model_name_or_path $OUT/sft --output_dir $OUT/safedpo --overwrite $STAGE_EXTRA
+timed arena $RUN evaluate.py --task arena --policies sft=$OUT/sft,ppo=$OUT/ppo,ppo_lag=$OUT/ppo_lag,dpo=$OUT/dpo,safedpo=$OUT/safedpo \
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --output_dir $OUT/eval $ARENA_EXTRA
 python evaluate.py --task curves --run_dirs $OUT/ppo,$OUT/ppo_lag --output_dir $OUT/eval/curves
 set +x
@@ -31,3 +41,4 @@ echo
 cat $OUT/eval/arena.md
 echo
 echo "plots: $OUT/eval/reward_cost_scatter.png and $OUT/eval/curves/*.png"
+echo "wall time per stage (s):"; cat $OUT/wall_times.tsv

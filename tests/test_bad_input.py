@@ -91,6 +91,13 @@ CASES = {
     "ppo batch arithmetic": ("ppo_lagrangian.py", lambda t: ["--per_device_prompt_batch_size", 10,
                                                              "--per_device_train_batch_size", 4],
                              "per_device_prompt_batch_size x samples_per_prompt (10 x 1) must be a multiple"),
+    "dpo missing safety flag": ("dpo.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [PAIR, {k: v for k, v in PAIR.items() if k != "is_response_1_safe"}])],
+                                "p.jsonl: row 2: missing field 'is_response_1_safe'"),
+    "dpo id not 0/1": ("dpo.py", lambda t: ["--loss", "dpo", "--train_data", jsonl(t / "p.jsonl", [{**PAIR, "better_response_id": 3}])],
+                       "p.jsonl: row 1: field 'better_response_id' must be 0 or 1, got 3"),
+    "dpo empty file": ("dpo.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [])], "p.jsonl: file is empty"),
+    "dpo unknown loss": ("dpo.py", lambda t: ["--loss", "ipo"], "argument --loss: invalid choice: 'ipo'"),
+    "dpo finished output": ("dpo.py", finished_run, "already holds a finished run"),
     "evaluate unknown task": ("evaluate.py", lambda t: ["--task", "vibes"], "argument --task: invalid choice: 'vibes'"),
     "evaluate nonexistent policy": ("evaluate.py", lambda t: ["--policies", f"a={t / 'nope'}"], "nope does not exist"),
 }
@@ -99,7 +106,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_line(tmp_path, case):
     script, flags, msg = CASES[case]
-    fast = SFT_FAST if script == "sft.py" else PREF_FAST if script == "train_preference.py" else []
+    fast = SFT_FAST if script == "sft.py" else PREF_FAST if script in ("train_preference.py", "dpo.py") else []
     out = tmp_path / "out"
     code, stdout, stderr = main_inprocess(script, *fast, "--output_dir", out, *flags(tmp_path))
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""

@@ -16,11 +16,13 @@ import pytest
 import common
 from conftest import REAL, ROOT, main_inprocess, metrics, run
 
-STAGES = ["sft", "train_preference", "ppo_lagrangian", "evaluate"]
+STAGES = ["sft", "train_preference", "ppo_lagrangian", "evaluate", "dpo"]
 ENUMS = {"ppo_lagrangian": {"algo": ["ppo_lag", "ppo", "reward_shaping"], "lagrangian": ["gradient", "pid"],
                             "adv_estimator": ["gae", "grpo", "rloo"], "lr_scheduler_type": ["constant", "cosine"],
-                            "critic_lr_scheduler_type": ["", "constant", "cosine"]},
+                            "critic_lr_scheduler_type": ["", "constant", "cosine"],
+                            "grpo_std": ["lagrangian", "none", "per_stream"]},
          "train_preference": {"objective": ["reward", "cost"], "loss_type": ["sequence-wise", "token-wise"]},
+         "dpo": {"loss": ["dpo", "safedpo"], "preference": ["better", "safer"]},
          "evaluate": {"task": ["preference", "arena", "curves", "xstest", "refusal_agreement"],
                       "objective": ["", "reward", "cost"]}}
 HH = os.path.join(REAL, "hh-rlhf_harmless-base_test.jsonl.gz")

@@ -59,5 +59,7 @@ def test_pipeline_script_end_to_end_shortened(tmp_path):
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     p = subprocess.run(["bash", "scripts/pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "| ppo_lag |" in p.stdout and "reward_cost_scatter.png" in p.stdout
+    assert "| ppo_lag |" in p.stdout and "| safedpo |" in p.stdout and "reward_cost_scatter.png" in p.stdout
+    times = dict(l.split("\t") for l in open(tmp_path / "out" / "wall_times.tsv").read().splitlines())
+    assert set(times) == {"sft", "reward", "cost", "ppo", "ppo_lag", "dpo", "safedpo", "arena"}
     assert json.load(open(tmp_path / "out" / "eval" / "arena.json"))["samples"] == 56

@@ -41,8 +41,7 @@ def test_every_stage_on_a_real_chat_model(smollm2, tmp_path):
         g.writelines(f.readlines()[:8])
     with open(data / "prompts_test.jsonl") as f, open(data / "prompts_eval2.jsonl", "w") as g:
         g.writelines(f.readlines()[:2])
-    # --bf16: what a real model runs on this CPU (README "Performance": ~2x), and the GPU's dtype path
-    small = ["--chat_template", "--bf16", "--max_steps", 2, "--per_device_train_batch_size", 2, "--max_length", 128,
+    small = ["--chat_template", "--max_steps", 2, "--per_device_train_batch_size", 2, "--max_length", 128,
              "--learning_rate", 2e-5, "--log_every", 1]
     # SFT on the safe answers: a real instruct model on real answers starts at a low NLL, and it stays finite
     sft = tmp_path / "sft"
@@ -65,7 +64,7 @@ def test_every_stage_on_a_real_chat_model(smollm2, tmp_path):
     ppo = tmp_path / "ppo_lag"
     run("ppo_lagrangian.py", "--actor_model_name_or_path", sft, "--reward_model_name_or_path", rm,
         "--cost_model_name_or_path", cm, "--prompt_data", data / "prompts_train.jsonl", "--eval_prompt_data", "",
-        "--chat_template", "--bf16", "--max_steps", 2, "--per_device_prompt_batch_size", 2, "--per_device_train_batch_size", 2,
+        "--chat_template", "--max_steps", 2, "--per_device_prompt_batch_size", 2, "--per_device_train_batch_size", 2,
         "--max_new_tokens", 16, "--max_prompt_length", 128, "--actor_lr", 1e-6, "--critic_lr", 5e-6,
         "--kl_coeff", 0.01, "--threshold", 0.0, "--output_dir", ppo)  # held-out generation: the arena below
     rows = [r for r in metrics(ppo) if "train/reward" in r]
@@ -77,7 +76,7 @@ def test_every_stage_on_a_real_chat_model(smollm2, tmp_path):
     # the arena: the shipped model against the PPO-Lagrangian policy, scored by the trained models
     arena = tmp_path / "eval"
     run("evaluate.py", "--task", "arena", "--policies", f"base={smollm2},ppo_lag={ppo}", "--reward_model_name_or_path", rm,
-        "--cost_model_name_or_path", cm, "--prompt_data", data / "prompts_eval2.jsonl", "--chat_template", "--bf16",
+        "--cost_model_name_or_path", cm, "--prompt_data", data / "prompts_eval2.jsonl", "--chat_template",
         "--samples_per_prompt", 1, "--max_new_tokens", 16, "--max_length", 256, "--batch_size", 2, "--bootstrap", 50,
         "--output_dir", arena)
     res = json.load(open(arena / "arena.json"))
