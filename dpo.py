@@ -208,12 +208,14 @@ def reference_logps(ref, pairs, args, pad_id, rank, world, device):
 
 
 @torch.no_grad()
-def heldout_kl(model, ref, ids, tgt):
-    """KL(π ‖ π_ref) summed over the vocabulary at each response position of held-out responses, mean over them."""
+def heldout_logps_and_kl(model, ref, ids, tgt):
+    """One forward of each model: the policy's sequence log-probs [2B] (as sequence_logps) and KL(π ‖ π_ref) summed
+    over the vocabulary at each response position, -> (logps, KL sum over response positions, their number)."""
     lp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
     lq = torch.log_softmax(ref(input_ids=ids).logits[:, :-1].float(), -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
-    return (kl * tgt).sum().item(), tgt.sum().item()
+    seq = (lp.gather(-1, ids[:, 1:, None]).squeeze(-1) * tgt).sum(-1)
+    return seq, (kl * tgt).sum().item(), tgt.sum().item()
 
 
 @torch.no_grad()
@@ -228,12 +230,11 @@ def evaluate(model, ref, pairs, ref_lp, args, pad_id, rank, world, device):
     for i in range(n):
         chunk = mine[i * bs:(i + 1) * bs]
         ids, tgt, h_w, h_l = make_batch([pairs[j] for j in chunk or mine[:1]], pad_id, device)
-        lp = sequence_logps(model, ids, tgt)
+        lp, kl, tok = heldout_logps_and_kl(model, ref, ids, tgt)
         B = len(lp) // 2
         rw = torch.tensor([ref_lp[j][0] for j in chunk or mine[:1]], device=device)
         rl = torch.tensor([ref_lp[j][1] for j in chunk or mine[:1]], device=device)
         loss, c, r = dpo_loss(lp[:B], lp[B:], rw, rl, args.beta, margins(h_w, h_l, args))
-        kl, tok = heldout_kl(model, ref, ids, tgt)
         if chunk:
             sums += torch.tensor([loss.item() * B, (c - r).sum().item(), (c > r).sum().item(), B, kl, tok],
                                  dtype=torch.float64)
