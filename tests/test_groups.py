@@ -259,7 +259,7 @@ def test_a_subset_of_constraints_keeps_the_overall_cost_metrics(tmp_path, sft_mo
     max over all four heads): at rollout 1 (the same samples either way) they equal the all-groups run's."""
     base = ["--actor_model_name_or_path", sft_model[0], "--reward_model_name_or_path", score_models[0],
             "--cost_model_name_or_path", cost_groups_model, "--max_steps", 1, "--eval_prompt_data", "",
-            "--per_device_prompt_batch_size", 16, "--save_model", "False"]
+            "--per_device_prompt_batch_size", 8, "--per_device_train_batch_size", 8, "--save_model", "False"]
     for name, extra in (("all", []), ("violence", ["--cost_categories", "violence"])):
         code, _, err = main_inprocess("ppo_lagrangian.py", *base, *extra, "--output_dir", tmp_path / name)
         assert code == 0, err[-2000:]
