@@ -1,6 +1,7 @@
 """common.py: the only module the stages share. Plumbing plus the shared math, nothing clever.
 
-    distributed + FSDP2   setup_distributed, shard_model, gathered_for_generation, cleanup_distributed
+    distributed + FSDP2   setup_distributed, use_bf16, shard_model (bf16: fp32 master weights and score heads),
+                          score_head, gathered_for_generation, cleanup_distributed
     models                load_tokenizer, load_causal_lm, load_score_model, save_hf, disable_dropout
     data                  load_rows (validated up front), format_prompt, tokenize_prompt_response, pad
     training              parse_args, plan_steps, batch_indices, cosine_schedule, MetricsLogger, StepTimer,
