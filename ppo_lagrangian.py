@@ -177,7 +177,7 @@ def update_multipliers(multipliers, window, thresholds):
 
 
 def group_centred(scores, group_size):
-    """s_i − mean_g over each group of group_size consecutive scores [N] -> [N, ] viewed [N/G, G]. A group whose scores
+    """s_i − mean_g over each group of group_size consecutive scores [N] -> [N/G, G]. A group whose scores
     are all equal gets exactly 0: in float32 the mean of G equal numbers can be one ulp off (G = 3, 6, 8, ...), and
     divided by a zero std that ulp became an advantage of either sign up to |A| ~ 4 (audit, issue 20) -- exactly the
     late-training case where the policy gives G identical refusals."""
@@ -222,8 +222,8 @@ def grpo_scale(advantages, mask, args, eps=1e-6):
     (L_i − mean_g L)/(1 + Σλ_k) with the Lagrangian score L = R − Σ_k λ_k C_k − β(1 + Σ_k λ_k)·Σ_t kl_t, so dividing it by
     its group std gives A_i = (L_i − mean_g L)/(std_g L + eps): GRPO applied to the Lagrangian score. λ_k and β keep the
     meaning the Lagrangian gives them (the 1 + Σλ cancels). Why not one std per stream (--grpo_std per_stream, the old
-    behaviour): that scales the cost by σ_R/σ_C per prompt, so the weight of the cost becomes λ·σ_R/σ_C -- measured on
-    the tiny task, median 16.7 x λ on benign prompts, where the cost's spread is noise, and ~0.5 x λ on harmful ones --
+    behaviour): that scales the cost by σ_R/σ_C per prompt, so the weight of the cost becomes λ·σ_R/σ_C -- the audit
+    measured on the tiny task a median 16.7 x λ on benign prompts, where the cost's spread is noise, and ~0.5 x λ on harmful ones --
     and the KL weight β(1 + λ·σ_R/σ_C). Per-stream normalisation (GDPO, "constrained GRPO") balances several *rewards*
     whose relative weights are fixed and unknown; in a Lagrangian the relative weight of each cost is λ_k, which the
     dual step learns in the cost's raw units to satisfy E[C_k] <= d_k: a second, per-prompt rescaling fights it.
