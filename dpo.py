@@ -166,13 +166,11 @@ def make_pairs(rows, args, tokenizer, source):
 def make_batch(pairs, pad_id, device):
     """Both sides in one forward: ids [2B, T] (chosen rows, then rejected), a response-token mask [2B, T−1] over the
     next-token targets (a target j counts when it is a response token, EOS included), safety flags [B] x 2."""
-    seqs = [p.w for p in pairs] + [p.l for p in pairs]
-    plens = torch.tensor([p.w_plen for p in pairs] + [p.l_plen for p in pairs])
-    ids, lengths = common.pad(seqs, pad_id)
-    tgt = common.length_mask(lengths - plens, ids.shape[1], start=plens)[:, 1:]  # target j = t + 1
+    ids, tgt = common.sft_batch([(p.w, p.w_plen) for p in pairs] + [(p.l, p.l_plen) for p in pairs], pad_id, False,
+                                device)  # the SFT loss's target mask: response tokens only
     h_w = torch.tensor([p.h_w for p in pairs], dtype=torch.float32)
     h_l = torch.tensor([p.h_l for p in pairs], dtype=torch.float32)
-    return ids.to(device), tgt.to(device), h_w.to(device), h_l.to(device)
+    return ids, tgt, h_w.to(device), h_l.to(device)
 
 
 def sequence_logps(model, ids, tgt):
