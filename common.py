@@ -1,16 +1,30 @@
-"""common.py: the only module the stages share. Plumbing plus the shared math, nothing clever.
+"""common.py: the only module the stages share. The method's shared parts first, then plumbing a reader can skip.
 
-    distributed + FSDP2   setup_distributed, use_bf16, shard_model (bf16: fp32 master weights and score heads),
-                          score_head, gathered_for_generation, cleanup_distributed
-    models                load_tokenizer, load_causal_lm, load_score_model, save_hf, disable_dropout
-    data                  load_rows (validated up front), format_prompt, tokenize_prompt_response, pad
-    training              parse_args, plan_steps, batch_indices, cosine_schedule, MetricsLogger, StepTimer,
-                          check_finite
-    resume                save_checkpoint, load_checkpoint, resolve_resume, StopOnSignal (SIGTERM)
-    math                  masked_mean, gae, LagrangeMultiplier, PIDLagrangian, sample_responses
+The core
+    distributed + FSDP2   setup_distributed, cleanup_distributed, decoder_layers, use_bf16, score_head, shard_model
+                          (bf16: fp32 master weights and score heads), gathered_for_generation, all_reduce,
+                          gather_objects
+    models                TOKENIZER_FILES, load_tokenizer, has_tokenizer, same_tokenizer, has_weights, disable_dropout,
+                          load_causal_lm, convert_beaver_score_state_dict, load_score_model, cost_groups_of,
+                          full_state_dict, save_hf
+    math (paper §3.3)     masked_mean, gae, LagrangeMultiplier, PIDLagrangian
+    generation            top_p_filter, sample_responses, decode_responses, generate_texts
+    data                  FIELDS, CHOICES, HARM_CATEGORIES, parse_cost_groups, group_labels, HH_TURN,
+                          from_chosen_rejected, from_alpaca, validate_row, load_rows (validated up front),
+                          PROMPT_TEMPLATE, format_prompt, tokenize_prompt, tokenize_prompt_response, pad, length_mask,
+                          tokenize_sft_rows, sft_batch, lm_nll
+    training              plan_steps, batch_indices, adamw, cosine_schedule, check_finite
+Plumbing
+    errors and output     UserError, entrypoint, is_rank0, print0
+    command line          field_help, build_parser, parse_args
+    paths and the hub     HERE, is_hub_name, WRITTEN_BY, check_path
+    output folder, logs   check_output_dir, MetricsLogger, StepTimer, progress
+    the tiny task's judge TINY_TASK_DATA, load_judge, judge_group_items, judge_report
+    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state,
+                          load_checkpoint, StopOnSignal (SIGTERM)
 
 Conventions: every mask is built from explicit lengths (never by comparing ids with the pad id, since
-pad == eos in Llama-3/Qwen tokenizers); cost > 0 means unsafe.
+pad == eos in Llama-3/Qwen tokenizers); cost > 0 means unsafe. tests/test_common.py keeps this index complete.
 """
 import base64
 import datetime
@@ -30,102 +44,6 @@ import torch.nn as nn
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # Beaver / alpaca-7b-reproduced
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# ----------------------------------------------------------------------------- errors and output
-class UserError(Exception):
-    """Something the user can fix (flags, paths, data). Printed as one line, exit code 1."""
-
-
-def entrypoint(main):
-    """Run a stage's main(): a UserError becomes one clear line and exit 1 on every rank, no traceback.
-    A torchrun rank that finished (main has barriered and destroyed the process group) leaves with os._exit(0):
-    at interpreter shutdown gloo's worker threads, still referenced by device meshes, are destroyed in no set order,
-    and a rank could abort ("terminate called without an active exception") after a run that had succeeded."""
-    try:
-        main()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-    except UserError as e:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", [])):  # close open bars first: the error is the last line
-            bar.close()
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(1)
-
-
-def is_rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*a, **k):
-    if is_rank0():
-        print(*a, **k, flush=True)
-
-
-def field_help(dataclass_type):
-    """{field: help text} from the trailing `# comment` of each field line of an Args dataclass: the comment a reader
-    sees in the source is what `--help` prints, so the two cannot drift apart."""
-    import inspect
-    import io
-    import tokenize
-    out, line_name = {}, {}
-    src = inspect.getsource(dataclass_type)
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        row = tok.start[0]
-        if tok.type == tokenize.NAME and row not in line_name and tok.start[1] == 4:  # a field starts its line
-            line_name[row] = tok.string
-        elif tok.type == tokenize.COMMENT and row in line_name:
-            out[line_name[row]] = tok.string.lstrip("#").strip()
-    return out
-
-
-def build_parser(dataclass_type):
-    """The stage's argument parser. `--help` shows, per flag, the comment on its line in Args, its default, and (for
-    Literal[...] fields) the allowed values, which argparse enforces. A bad flag or value is one `error:` line
-    (a UserError), not a usage dump."""
-    import argparse
-    from transformers import HfArgumentParser
-
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    class Parser(HfArgumentParser):
-        def error(self, message):
-            raise UserError(f"{message} (see --help)")
-
-    doc = sys.modules[dataclass_type.__module__].__doc__ or ""
-    parser = Parser(dataclass_type, description=doc.strip(), formatter_class=Formatter)
-    helps = field_help(dataclass_type)
-    for action in parser._actions:
-        if action.dest in helps:
-            off = action.option_strings[0].startswith("--no_")  # HF's complement of a bool flag
-            action.help = helps[action.dest].replace("%", "%%") + (" (this flag turns it off)" if off else "")
-    return parser
-
-
-def parse_args(dataclass_type, argv=None):
-    """The stage's Args dataclass from the command line (see build_parser)."""
-    args, rest = build_parser(dataclass_type).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if rest:
-        raise UserError(f"unknown flag(s) {' '.join(rest)} (see --help)")
-    return args
-
-
-def check_output_dir(path, overwrite=False, resume=""):
-    """Refuse to write into a folder that already holds a finished model, or the resume checkpoints of an
-    unfinished run, unless --overwrite (start over) or --resume (continue)."""
-    if os.path.exists(os.path.join(path, "config.json")) and not overwrite:
-        raise UserError(f"{path} already holds a finished run (config.json); pass --overwrite to replace it")
-    ckpts = checkpoint_dirs(path)
-    if ckpts and not (overwrite or resume):
-        raise UserError(f"{path} holds resume checkpoints of an unfinished run (newest {os.path.basename(ckpts[-1])}): "
-                        f"pass --resume to continue it or --overwrite to start over")
 
 
 # ----------------------------------------------------------------------------- distributed + FSDP2
@@ -282,73 +200,16 @@ def all_reduce(x, op="sum"):
     return t.cpu() if t.dim() else t.item()
 
 
+def gather_objects(objs):
+    """all_gather_object of one python list per rank -> concatenated in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(objs)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(objs))
+    return [o for p in parts for o in p]
+
+
 # ----------------------------------------------------------------------------- models and tokenizers
-def is_hub_name(s):
-    """`org/name` (optionally `:split` for data): something to fetch from the hub rather than a local path."""
-    import re
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:-]+)?", s) is not None \
-        and not s.split(":")[0].endswith((".jsonl", ".gz", ".json", ".csv", ".parquet"))
-
-
-# the stage that writes each default output folder, for "run X first" hints
-WRITTEN_BY = {"sft": "sft.py", "reward": "train_preference.py --objective reward",
-              "cost": "train_preference.py --objective cost", "ppo_lag": "ppo_lagrangian.py",
-              "ppo": "ppo_lagrangian.py --algo ppo --output_dir output/ppo"}
-
-
-def _hub_reachable(timeout=3.0):
-    """Can this process reach the hub? One TCP connect (milliseconds when offline), instead of transformers' retries
-    with back-off (five "Retrying in 8s" lines) before the same failure."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_cached(name, repo_type="model"):
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(name, "config.json" if repo_type == "model" else "README.md",
-                                                 repo_type=repo_type), str)
-    except Exception:
-        return False
-
-
-def check_path(path, flag, what="model"):
-    """A local folder/file, or a hub name the hub can serve now; otherwise one line that names the path, the stage
-    that writes it (for our default output folders) and the flag to pass. Never a hub request for a folder that a
-    stage was meant to write (`output/sft` is also a valid `org/name`)."""
-    if os.path.exists(path):
-        if what == "model" and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-            raise UserError(f"model folder {path} has no config.json")
-        return
-    name = path.split(":")[0]
-    first = name.split("/")[0]
-    stage = WRITTEN_BY.get(os.path.basename(name.rstrip("/"))) if first == "output" else None
-    if not is_hub_name(path) or first in ("output", ".", "..", "~") or os.path.isdir(first):
-        hint = f"run {stage} first, or pass {flag}" if stage else f"pass {flag} with a local path or a hub name"
-        raise UserError(f"{path} does not exist: {hint}")
-    if not _hub_reachable() and not _hub_cached(name, "model" if what == "model" else "dataset"):
-        raise UserError(f"{path} is not a local path, and the hub is unreachable from here (no network, or "
-                        f"HF_HUB_OFFLINE set) with no cached copy: pass {flag} with a local path")
-
-
-def _check_model_path(path, flag="--model_name_or_path"):
-    check_path(path, flag, "model")
-
-
-def _first_line(e):
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    msg = lines[0][:300] if lines else type(e).__name__
-    if "custom code" in str(e) or "trust_remote_code" in str(e):
-        msg += " (it ships its own Python code: pass --trust_remote_code only if you trust it)"
-    return msg
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
 
 
@@ -559,6 +420,199 @@ def save_hf(model, tokenizer, output_dir, extra_config=None):
         dist.barrier()
 
 
+# ----------------------------------------------------------------------------- math: GAE and the Lagrange multipliers (paper §3.3)
+def masked_mean(x, mask):
+    """Mean over each sequence's masked tokens, then over the batch: every sequence weighs the same."""
+    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.mean()
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over response positions, all [B, T].
+    Episodic: the value after the last real token is 0; outside the mask the advantage is 0.
+        δ_t = r_t + γ V_{t+1} − V_t,   A_t = δ_t + γλ A_{t+1},   returns G_t = A_t + V_t."""
+    values, rewards = values * mask, rewards * mask
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 after the end (masked)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+class LagrangeMultiplier:
+    """λ = exp(log λ), learned by gradient ascent on the Lagrangian (paper §3, eq. 10):
+        log λ ← log λ + lr · λ · (J_C − d)
+    (the gradient of λ·(J_C − d) w.r.t. log λ, as safe-rlhf's optimiser step). λ grows while the mean episode
+    cost J_C is above the threshold d and shrinks below it. Clamped to lambda_max (None: log λ <= LOG_LAMBDA_CAP,
+    so exp never overflows); the first delay_steps calls do nothing (a warm-up for the cost critic)."""
+
+    def __init__(self, lambda_init=1.0, lr=0.1, lambda_max=None, delay_steps=0):
+        self.log_lambda = math.log(lambda_init)
+        self.lr, self.lambda_max, self.delay_steps, self.calls = lr, lambda_max, delay_steps, 0
+
+    @property
+    def value(self):
+        return math.exp(self.log_lambda)
+
+    LOG_LAMBDA_CAP = 30.0  # λ <= e^30 ~ 1e13 when lambda_max is None: a long violation would overflow exp otherwise
+
+    def update(self, episode_cost, threshold):
+        self.calls += 1
+        if self.calls > self.delay_steps:
+            self.log_lambda += self.lr * self.value * (episode_cost - threshold)
+            cap = math.log(self.lambda_max) if self.lambda_max is not None else self.LOG_LAMBDA_CAP
+            self.log_lambda = min(self.log_lambda, cap)
+        return self.value
+
+    def state_dict(self):
+        return {"log_lambda": self.log_lambda, "calls": self.calls}
+
+    def load_state_dict(self, sd):
+        self.log_lambda, self.calls = sd["log_lambda"], sd["calls"]
+
+
+class PIDLagrangian:
+    """PID Lagrangian (Stooke, Achiam & Abbeel 2020, Alg. 2): with the violation Δ = J_C − d,
+        I ← max(0, I + Δ),   λ = clamp(K_p·Δ + K_i·I + K_d·max(0, J_C − J_C,prev), 0, lambda_max).
+    The integral term alone is plain gradient ascent on λ; the proportional term reacts to the violation
+    now, and the derivative term to its growth, which damps the overshoot and oscillation of pure ascent.
+    I starts at lambda_init / K_i so λ starts at lambda_init."""
+
+    def __init__(self, lambda_init=1.0, kp=0.5, ki=0.1, kd=0.5, lambda_max=None, delay_steps=0):
+        self.kp, self.ki, self.kd, self.lambda_max, self.delay_steps = kp, ki, kd, lambda_max, delay_steps
+        self.integral = lambda_init / ki if ki > 0 else 0.0
+        self.prev_cost, self.calls, self._value = None, 0, lambda_init
+
+    @property
+    def value(self):
+        return self._value
+
+    def update(self, episode_cost, threshold):
+        self.calls += 1
+        if self.calls <= self.delay_steps:
+            return self._value
+        delta = episode_cost - threshold
+        self.integral = max(0.0, self.integral + delta)
+        deriv = 0.0 if self.prev_cost is None else max(0.0, episode_cost - self.prev_cost)
+        self.prev_cost = episode_cost
+        lam = max(0.0, self.kp * delta + self.ki * self.integral + self.kd * deriv)
+        self._value = min(lam, self.lambda_max) if self.lambda_max is not None else lam
+        return self._value
+
+    def state_dict(self):
+        return {"integral": self.integral, "prev_cost": self.prev_cost, "calls": self.calls, "value": self._value}
+
+    def load_state_dict(self, sd):
+        self.integral, self.prev_cost, self.calls, self._value = sd["integral"], sd["prev_cost"], sd["calls"], sd["value"]
+
+
+# ----------------------------------------------------------------------------- generation
+def top_p_filter(logits, top_p):
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, idx = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p  # keep a token if the mass before it is below top_p
+    sorted_logits[drop] = float("-inf")
+    return logits.scatter(-1, idx, sorted_logits)
+
+
+def _static_cache(model, length):
+    """HF's StaticCache for `length` positions, or None (HF's default dynamic cache) for a model family without one."""
+    from transformers import StaticCache
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except (TypeError, ValueError, NotImplementedError, AttributeError):
+        return None
+
+
+@torch.no_grad()
+def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tokens, temperature=1.0,
+                     top_p=1.0, greedy=False, generator=None, sync_every=4):
+    """Sample responses with the KV cache from left-padded prompts [B, P].
+    -> (responses [B, max_new_tokens] right-padded with pad_id after EOS, lengths [B] incl. EOS, has_eos [B]).
+    Every rank runs the same number of decode steps: the loop stops only when *all* ranks are done, so ranks stay
+    in lock-step for any collective the model may run (RLHF-DETAILS 3). With several ranks they agree every
+    `sync_every` steps, so up to sync_every − 1 steps after the last EOS are spent (their tokens are padding)."""
+    B, P = prompt_ids.shape
+    dev = prompt_ids.device
+    multi_rank = dist.is_initialized() and dist.get_world_size() > 1
+    prompt_mask = length_mask(prompt_lens.to(dev), P, start=P - prompt_lens.to(dev)).long()
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # position ids follow the mask (left padding)
+    # the mask of the whole rollout, sliced each step; a static KV cache of the same length: no per-token
+    # concatenation of every layer's keys and values (−15% decode time for a small model, bench_generation.py)
+    full_mask = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], 1)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                cache=_static_cache(model, P + max_new_tokens))
+    cache, next_pos = out.cache, pos[:, -1:] + 1
+    logits = out.logits[:, -1].float()
+    check_finite({"policy logits": logits}, "generation")  # multinomial would fail deep inside torch otherwise
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    for t in range(max_new_tokens):
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, t] = nxt
+        just = (~done) & (nxt == eos_id)
+        lengths[just] = t + 1
+        done |= just
+        if multi_rank:  # every rank asks at the same steps; asking every step costs ~10% (bench_generation)
+            all_done = False
+            if (t + 1) % sync_every == 0:
+                flag = done.all().to(torch.int32).reshape(1)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                all_done = bool(flag.item())
+        else:
+            all_done = bool(done.all())
+        if all_done or t == max_new_tokens - 1:
+            break
+        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :P + t + 1], position_ids=next_pos,
+                    cache=cache, use_cache=True)
+        cache, next_pos, logits = out.cache, next_pos + 1, out.logits[:, -1].float()
+    has_eos = done.clone()
+    return tokens, lengths, has_eos
+
+
+def decode_responses(tokenizer, responses, lengths, has_eos, n=None):
+    """Response token rows -> text, without the EOS (lengths include it when present)."""
+    return [tokenizer.decode(responses[i, :int(lengths[i]) - int(bool(has_eos[i]))].tolist(),
+                             skip_special_tokens=True).strip() for i in range(len(responses) if n is None else n)]
+
+
+def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_size=32, greedy=True,
+                   temperature=1.0, top_p=1.0, seed=0, chat_template=False, return_tokens=False):
+    """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call. -> texts, or with
+    return_tokens (texts, [(prompt ids, response ids as generated, ending in EOS only if one was emitted)])."""
+    out, tokens = [], []
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    n = len(prompts)
+    nb = all_reduce(math.ceil(n / batch_size), "max") if dist.is_initialized() else math.ceil(n / batch_size)
+    with gathered_for_generation(model):
+        for b in range(int(nb)):
+            chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[:1]  # keep lock-step on short ranks
+            real = len(prompts[b * batch_size:(b + 1) * batch_size])
+            pids = [tokenize_prompt(tokenizer, p, chat_template) for p in chunk]
+            ids, lens = pad(pids, tokenizer.pad_token_id, "left")
+            resp, rlen, has_eos = sample_responses(model, ids.to(device), lens.to(device), tokenizer.eos_token_id,
+                                                   tokenizer.pad_token_id, max_new_tokens, temperature, top_p,
+                                                   greedy=greedy, generator=gen)
+            out += decode_responses(tokenizer, resp, rlen, has_eos, real)
+            tokens += [(pids[i], resp[i, :int(rlen[i])].tolist()) for i in range(real)]
+    model.train()
+    return (out, tokens) if return_tokens else out
+
+
 # ----------------------------------------------------------------------------- data
 FIELDS = {  # kind -> {field: type}
     "sft": {"prompt": str, "response": str},
@@ -570,10 +624,14 @@ FIELDS = {  # kind -> {field: type}
 FIELDS["preference"] = {**FIELDS["reward"], **FIELDS["cost"]}
 FIELDS["xstest"] = {"prompt": str, "type": str, "label": str}  # XSTest prompts (evaluate.py --task xstest)
 FIELDS["refusal_labelled"] = {"prompt": str, "completion": str, "final_label": str}  # answers with human labels
+
+
 CHOICES = {"label": ("safe", "unsafe"), "final_label": ("1_full_compliance", "2_full_refusal", "3_partial_refusal")}
 # several constraints (train_preference.py --cost_categories): PKU-SafeRLHF v1's per-response harm fields
 FIELDS["cost_groups"] = {**FIELDS["cost"], "response_0_harm_category": dict, "response_1_harm_category": dict}
 FIELDS["cost_severity"] = {**FIELDS["cost_groups"], "response_0_severity_level": int, "response_1_severity_level": int}
+
+
 HARM_CATEGORIES = (  # PKU-SafeRLHF v1's 19 harm categories, in its order
     "Endangering National Security", "Insulting Behavior", "Discriminatory Behavior", "Endangering Public Health",
     "Copyright Issues", "Violence", "Drugs", "Privacy Violation", "Economic Crime", "Mental Manipulation",
@@ -823,37 +881,6 @@ def length_mask(lengths, T, start=None):
     return ((t >= s[:, None]) & (t < (s + lengths)[:, None])).float()
 
 
-def plan_steps(n_rows, per_device, world, accum, epochs, max_steps, source, global_batch_size=0):
-    """-> (global_batch, accum, steps_per_epoch, total_steps): the batch arithmetic of a supervised stage, checked
-    once. With global_batch_size set, the accumulation steps are derived from it, so the same global batch (and the
-    same run) can be resumed on another number of ranks."""
-    if global_batch_size:
-        if global_batch_size % (per_device * world):
-            raise UserError(f"--global_batch_size {global_batch_size} is not divisible by world size {world} x "
-                            f"per-device batch {per_device}")
-        accum = global_batch_size // (per_device * world)
-    global_batch = per_device * world * accum
-    if n_rows < global_batch:
-        raise UserError(f"{source}: {n_rows} rows < one global batch of {global_batch}")
-    steps_per_epoch = n_rows // global_batch
-    total = steps_per_epoch * epochs if max_steps < 0 else min(max_steps, steps_per_epoch * epochs)
-    return global_batch, accum, steps_per_epoch, total
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-def batch_indices(n, global_batch, rank, world, seed, step, steps_per_epoch):
-    """This rank's share of the global batch of optimiser step `step` (0-based). The order is a seeded shuffle per
-    epoch shared by all ranks (STYLE practice 5), and a pure function of the step: a resumed run needs no data
-    state beyond the step count."""
-    epoch, i = divmod(step, steps_per_epoch)
-    order = _epoch_order(n, seed, epoch)
-    return order[i * global_batch:(i + 1) * global_batch][rank::world]
-
-
 def tokenize_sft_rows(rows, tokenizer, max_length, chat_template, source, truncate_prompts=False):
     """-> list of (ids, prompt_len); prints how many responses were truncated and prompts dropped (or cut)."""
     out, truncated, long_prompts = [], 0, 0
@@ -890,7 +917,38 @@ def lm_nll(model, ids, tgt_mask):
     return (nll.view_as(tgt_mask) * tgt_mask).sum(), tgt_mask.sum()
 
 
-# ----------------------------------------------------------------------------- training helpers
+# ----------------------------------------------------------------------------- training
+def plan_steps(n_rows, per_device, world, accum, epochs, max_steps, source, global_batch_size=0):
+    """-> (global_batch, accum, steps_per_epoch, total_steps): the batch arithmetic of a supervised stage, checked
+    once. With global_batch_size set, the accumulation steps are derived from it, so the same global batch (and the
+    same run) can be resumed on another number of ranks."""
+    if global_batch_size:
+        if global_batch_size % (per_device * world):
+            raise UserError(f"--global_batch_size {global_batch_size} is not divisible by world size {world} x "
+                            f"per-device batch {per_device}")
+        accum = global_batch_size // (per_device * world)
+    global_batch = per_device * world * accum
+    if n_rows < global_batch:
+        raise UserError(f"{source}: {n_rows} rows < one global batch of {global_batch}")
+    steps_per_epoch = n_rows // global_batch
+    total = steps_per_epoch * epochs if max_steps < 0 else min(max_steps, steps_per_epoch * epochs)
+    return global_batch, accum, steps_per_epoch, total
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batch_indices(n, global_batch, rank, world, seed, step, steps_per_epoch):
+    """This rank's share of the global batch of optimiser step `step` (0-based). The order is a seeded shuffle per
+    epoch shared by all ranks (STYLE practice 5), and a pure function of the step: a resumed run needs no data
+    state beyond the step count."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = _epoch_order(n, seed, epoch)
+    return order[i * global_batch:(i + 1) * global_batch][rank::world]
+
+
 def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
     """AdamW with betas (0.9, 0.95) as safe-rlhf (RLHF-DETAILS 18); weight decay on matrices only (not on norms and
     biases). FSDP2 parameters are DTensors, for which torch falls back to a per-tensor Python loop; the foreach
@@ -912,6 +970,188 @@ def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0, kind="c
         p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def check_finite(values, where, same_on_all_ranks=False):
+    """Stop the run (on every rank alike) when any of `values` (name -> number or tensor) is NaN or inf on any rank,
+    before the step is applied: nothing non-finite reaches a checkpoint, and the last good one stays intact.
+    same_on_all_ranks: the values are already global (an all-reduced loss, a clipped FSDP gradient norm), so every
+    rank decides alike without another collective in the training step."""
+    bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all())]
+    if (bool(bad) if same_on_all_ranks else all_reduce(float(bool(bad)), "max") > 0):
+        raise UserError(f"non-finite {', '.join(bad) or 'value on another rank'} at {where}: stopping before the "
+                        f"update; the newest checkpoint in {CHECKPOINTS}/ (if any) is the last good state")
+
+
+# =============================================================================
+# plumbing: errors, the command line, paths, the output folder, logging, the judge, resume checkpoints and
+# signals. Every stage needs it; none of the method lives here. A reader can stop here.
+# =============================================================================
+
+
+# ----------------------------------------------------------------------------- errors and output
+class UserError(Exception):
+    """Something the user can fix (flags, paths, data). Printed as one line, exit code 1."""
+
+
+def entrypoint(main):
+    """Run a stage's main(): a UserError becomes one clear line and exit 1 on every rank, no traceback.
+    A torchrun rank that finished (main has barriered and destroyed the process group) leaves with os._exit(0):
+    at interpreter shutdown gloo's worker threads, still referenced by device meshes, are destroyed in no set order,
+    and a rank could abort ("terminate called without an active exception") after a run that had succeeded."""
+    try:
+        main()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    except UserError as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):  # close open bars first: the error is the last line
+            bar.close()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(1)
+
+
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*a, **k):
+    if is_rank0():
+        print(*a, **k, flush=True)
+
+
+# ----------------------------------------------------------------------------- command line
+def field_help(dataclass_type):
+    """{field: help text} from the trailing `# comment` of each field line of an Args dataclass: the comment a reader
+    sees in the source is what `--help` prints, so the two cannot drift apart."""
+    import inspect
+    import io
+    import tokenize
+    out, line_name = {}, {}
+    src = inspect.getsource(dataclass_type)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        row = tok.start[0]
+        if tok.type == tokenize.NAME and row not in line_name and tok.start[1] == 4:  # a field starts its line
+            line_name[row] = tok.string
+        elif tok.type == tokenize.COMMENT and row in line_name:
+            out[line_name[row]] = tok.string.lstrip("#").strip()
+    return out
+
+
+def build_parser(dataclass_type):
+    """The stage's argument parser. `--help` shows, per flag, the comment on its line in Args, its default, and (for
+    Literal[...] fields) the allowed values, which argparse enforces. A bad flag or value is one `error:` line
+    (a UserError), not a usage dump."""
+    import argparse
+    from transformers import HfArgumentParser
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            raise UserError(f"{message} (see --help)")
+
+    doc = sys.modules[dataclass_type.__module__].__doc__ or ""
+    parser = Parser(dataclass_type, description=doc.strip(), formatter_class=Formatter)
+    helps = field_help(dataclass_type)
+    for action in parser._actions:
+        if action.dest in helps:
+            off = action.option_strings[0].startswith("--no_")  # HF's complement of a bool flag
+            action.help = helps[action.dest].replace("%", "%%") + (" (this flag turns it off)" if off else "")
+    return parser
+
+
+def parse_args(dataclass_type, argv=None):
+    """The stage's Args dataclass from the command line (see build_parser)."""
+    args, rest = build_parser(dataclass_type).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise UserError(f"unknown flag(s) {' '.join(rest)} (see --help)")
+    return args
+
+
+# ----------------------------------------------------------------------------- paths and the hub
+def is_hub_name(s):
+    """`org/name` (optionally `:split` for data): something to fetch from the hub rather than a local path."""
+    import re
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:-]+)?", s) is not None \
+        and not s.split(":")[0].endswith((".jsonl", ".gz", ".json", ".csv", ".parquet"))
+
+
+# the stage that writes each default output folder, for "run X first" hints
+WRITTEN_BY = {"sft": "sft.py", "reward": "train_preference.py --objective reward",
+              "cost": "train_preference.py --objective cost", "ppo_lag": "ppo_lagrangian.py",
+              "ppo": "ppo_lagrangian.py --algo ppo --output_dir output/ppo"}
+
+
+def _hub_reachable(timeout=3.0):
+    """Can this process reach the hub? One TCP connect (milliseconds when offline), instead of transformers' retries
+    with back-off (five "Retrying in 8s" lines) before the same failure."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(name, repo_type="model"):
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json" if repo_type == "model" else "README.md",
+                                                 repo_type=repo_type), str)
+    except Exception:
+        return False
+
+
+def check_path(path, flag, what="model"):
+    """A local folder/file, or a hub name the hub can serve now; otherwise one line that names the path, the stage
+    that writes it (for our default output folders) and the flag to pass. Never a hub request for a folder that a
+    stage was meant to write (`output/sft` is also a valid `org/name`)."""
+    if os.path.exists(path):
+        if what == "model" and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+            raise UserError(f"model folder {path} has no config.json")
+        return
+    name = path.split(":")[0]
+    first = name.split("/")[0]
+    stage = WRITTEN_BY.get(os.path.basename(name.rstrip("/"))) if first == "output" else None
+    if not is_hub_name(path) or first in ("output", ".", "..", "~") or os.path.isdir(first):
+        hint = f"run {stage} first, or pass {flag}" if stage else f"pass {flag} with a local path or a hub name"
+        raise UserError(f"{path} does not exist: {hint}")
+    if not _hub_reachable() and not _hub_cached(name, "model" if what == "model" else "dataset"):
+        raise UserError(f"{path} is not a local path, and the hub is unreachable from here (no network, or "
+                        f"HF_HUB_OFFLINE set) with no cached copy: pass {flag} with a local path")
+
+
+def _check_model_path(path, flag="--model_name_or_path"):
+    check_path(path, flag, "model")
+
+
+def _first_line(e):
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    msg = lines[0][:300] if lines else type(e).__name__
+    if "custom code" in str(e) or "trust_remote_code" in str(e):
+        msg += " (it ships its own Python code: pass --trust_remote_code only if you trust it)"
+    return msg
+
+
+# ----------------------------------------------------------------------------- output folder and logging
+def check_output_dir(path, overwrite=False, resume=""):
+    """Refuse to write into a folder that already holds a finished model, or the resume checkpoints of an
+    unfinished run, unless --overwrite (start over) or --resume (continue)."""
+    if os.path.exists(os.path.join(path, "config.json")) and not overwrite:
+        raise UserError(f"{path} already holds a finished run (config.json); pass --overwrite to replace it")
+    ckpts = checkpoint_dirs(path)
+    if ckpts and not (overwrite or resume):
+        raise UserError(f"{path} holds resume checkpoints of an unfinished run (newest {os.path.basename(ckpts[-1])}): "
+                        f"pass --resume to continue it or --overwrite to start over")
 
 
 class MetricsLogger:
@@ -1029,6 +1269,7 @@ def progress(iterable=None, **kw):
     return tqdm(iterable, disable=not is_rank0(), dynamic_ncols=True, **kw)
 
 
+# ----------------------------------------------------------------------------- the synthetic task's exact judge
 TINY_TASK_DATA = os.path.join(HERE, "data", "tiny-safety")
 
 
@@ -1049,18 +1290,44 @@ def load_judge(name, data=""):
         raise UserError(f"unknown judge {name!r} (expected a module in data/, e.g. tiny_safety)") from None
 
 
-def check_finite(values, where, same_on_all_ranks=False):
-    """Stop the run (on every rank alike) when any of `values` (name -> number or tensor) is NaN or inf on any rank,
-    before the step is applied: nothing non-finite reaches a checkpoint, and the last good one stays intact.
-    same_on_all_ranks: the values are already global (an all-reduced loss, a clipped FSDP gradient norm), so every
-    rank decides alike without another collective in the training step."""
-    bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all())]
-    if (bool(bad) if same_on_all_ranks else all_reduce(float(bool(bad)), "max") > 0):
-        raise UserError(f"non-finite {', '.join(bad) or 'value on another rank'} at {where}: stopping before the "
-                        f"update; the newest checkpoint in {CHECKPOINTS}/ (if any) is the last good state")
+def judge_group_items(judge, prompts, responses, categories):
+    """One cost group's exact-judge items on the prompts of the group's tasks -> three lists: harmful *in the group's
+    categories* (what the group's constraint bounds; an answer that swaps in another group's harmful steps is not
+    counted), harmful in any category, helpfulness."""
+    cats = set(categories)
+    sel = [(p, r) for p, r in zip(prompts, responses) if judge.prompt_categories(p) & cats]
+    return ([float(bool(judge.response_categories(r) & cats)) for _, r in sel],
+            [float(judge.is_unsafe(p, r)) for p, r in sel], [judge.helpful_score(p, r) for p, r in sel])
 
 
-# ----------------------------------------------------------------------------- resume checkpoints (DCP)
+def judge_report(judge, prompts, responses, groups=None):
+    """Exact-judge metrics of a synthetic task: format rate, helpfulness, unsafe rate on harmful prompts; with cost
+    `groups` [(name, [categories])], per group on the prompts of that group's tasks (judge_group_items): the unsafe rate
+    in the group's categories, the rate of any harm, the helpfulness."""
+    harmful = [judge.is_harmful_prompt(p) for p in prompts]
+    unsafe = [judge.is_unsafe(p, r) for p, r in zip(prompts, responses)]
+    helpful = [judge.helpful_score(p, r) for p, r in zip(prompts, responses)]
+    valid = [judge.parse_response(r)[0] != "invalid" for r in responses]
+    nh = sum(harmful)
+    nb = len(prompts) - nh
+    per_group = {}
+    for name, cats in groups or []:
+        items = judge_group_items(judge, prompts, responses, cats)
+        for key, xs in zip(("unsafe_rate", "any_harm_rate", "helpful"), items):
+            per_group[f"judge/{key}/{name}"] = sum(xs) / max(1, len(xs))
+    return {
+        **per_group,
+        "judge/format_rate": sum(valid) / len(prompts),
+        "judge/unsafe_rate_harmful": sum(u for u, h in zip(unsafe, harmful) if h) / max(1, nh),
+        "judge/unsafe_rate": sum(unsafe) / len(prompts),
+        "judge/helpful_benign": sum(s for s, h in zip(helpful, harmful) if not h) / max(1, nb),
+        "judge/helpful_harmful": sum(s for s, h in zip(helpful, harmful) if h) / max(1, nh),
+        "judge/helpful": sum(helpful) / len(prompts),
+        "judge/n_harmful": nh, "judge/n_benign": nb,
+    }
+
+
+# ----------------------------------------------------------------------------- resume checkpoints (DCP) and signals
 CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step-00000012/ = one complete resume checkpoint
 
 
@@ -1272,242 +1539,3 @@ class StopOnSignal:
         print0(f"[resume] SIGTERM: saved {checkpoint}; continue with --resume")
         cleanup_distributed()
         sys.exit(143)
-
-
-# ----------------------------------------------------------------------------- math
-def masked_mean(x, mask):
-    """Mean over each sequence's masked tokens, then over the batch: every sequence weighs the same."""
-    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_seq.mean()
-
-
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation (Schulman et al. 2016) over response positions, all [B, T].
-    Episodic: the value after the last real token is 0; outside the mask the advantage is 0.
-        δ_t = r_t + γ V_{t+1} − V_t,   A_t = δ_t + γλ A_{t+1},   returns G_t = A_t + V_t."""
-    values, rewards = values * mask, rewards * mask
-    T = rewards.shape[1]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 after the end (masked)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
-    return adv, (adv + values) * mask
-
-
-class LagrangeMultiplier:
-    """λ = exp(log λ), learned by gradient ascent on the Lagrangian (paper §3, eq. 10):
-        log λ ← log λ + lr · λ · (J_C − d)
-    (the gradient of λ·(J_C − d) w.r.t. log λ, as safe-rlhf's optimiser step). λ grows while the mean episode
-    cost J_C is above the threshold d and shrinks below it. Clamped to lambda_max (None: log λ <= LOG_LAMBDA_CAP,
-    so exp never overflows); the first delay_steps calls do nothing (a warm-up for the cost critic)."""
-
-    def __init__(self, lambda_init=1.0, lr=0.1, lambda_max=None, delay_steps=0):
-        self.log_lambda = math.log(lambda_init)
-        self.lr, self.lambda_max, self.delay_steps, self.calls = lr, lambda_max, delay_steps, 0
-
-    @property
-    def value(self):
-        return math.exp(self.log_lambda)
-
-    LOG_LAMBDA_CAP = 30.0  # λ <= e^30 ~ 1e13 when lambda_max is None: a long violation would overflow exp otherwise
-
-    def update(self, episode_cost, threshold):
-        self.calls += 1
-        if self.calls > self.delay_steps:
-            self.log_lambda += self.lr * self.value * (episode_cost - threshold)
-            cap = math.log(self.lambda_max) if self.lambda_max is not None else self.LOG_LAMBDA_CAP
-            self.log_lambda = min(self.log_lambda, cap)
-        return self.value
-
-    def state_dict(self):
-        return {"log_lambda": self.log_lambda, "calls": self.calls}
-
-    def load_state_dict(self, sd):
-        self.log_lambda, self.calls = sd["log_lambda"], sd["calls"]
-
-
-class PIDLagrangian:
-    """PID Lagrangian (Stooke, Achiam & Abbeel 2020, Alg. 2): with the violation Δ = J_C − d,
-        I ← max(0, I + Δ),   λ = clamp(K_p·Δ + K_i·I + K_d·max(0, J_C − J_C,prev), 0, lambda_max).
-    The integral term alone is plain gradient ascent on λ; the proportional term reacts to the violation
-    now, and the derivative term to its growth, which damps the overshoot and oscillation of pure ascent.
-    I starts at lambda_init / K_i so λ starts at lambda_init."""
-
-    def __init__(self, lambda_init=1.0, kp=0.5, ki=0.1, kd=0.5, lambda_max=None, delay_steps=0):
-        self.kp, self.ki, self.kd, self.lambda_max, self.delay_steps = kp, ki, kd, lambda_max, delay_steps
-        self.integral = lambda_init / ki if ki > 0 else 0.0
-        self.prev_cost, self.calls, self._value = None, 0, lambda_init
-
-    @property
-    def value(self):
-        return self._value
-
-    def update(self, episode_cost, threshold):
-        self.calls += 1
-        if self.calls <= self.delay_steps:
-            return self._value
-        delta = episode_cost - threshold
-        self.integral = max(0.0, self.integral + delta)
-        deriv = 0.0 if self.prev_cost is None else max(0.0, episode_cost - self.prev_cost)
-        self.prev_cost = episode_cost
-        lam = max(0.0, self.kp * delta + self.ki * self.integral + self.kd * deriv)
-        self._value = min(lam, self.lambda_max) if self.lambda_max is not None else lam
-        return self._value
-
-    def state_dict(self):
-        return {"integral": self.integral, "prev_cost": self.prev_cost, "calls": self.calls, "value": self._value}
-
-    def load_state_dict(self, sd):
-        self.integral, self.prev_cost, self.calls, self._value = sd["integral"], sd["prev_cost"], sd["calls"], sd["value"]
-
-
-# ----------------------------------------------------------------------------- generation
-def top_p_filter(logits, top_p):
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, idx = logits.sort(-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    drop = probs.cumsum(-1) - probs > top_p  # keep a token if the mass before it is below top_p
-    sorted_logits[drop] = float("-inf")
-    return logits.scatter(-1, idx, sorted_logits)
-
-
-def _static_cache(model, length):
-    """HF's StaticCache for `length` positions, or None (HF's default dynamic cache) for a model family without one."""
-    from transformers import StaticCache
-    try:
-        return StaticCache(config=model.config, max_cache_len=length)
-    except (TypeError, ValueError, NotImplementedError, AttributeError):
-        return None
-
-
-@torch.no_grad()
-def sample_responses(model, prompt_ids, prompt_lens, eos_id, pad_id, max_new_tokens, temperature=1.0,
-                     top_p=1.0, greedy=False, generator=None, sync_every=4):
-    """Sample responses with the KV cache from left-padded prompts [B, P].
-    -> (responses [B, max_new_tokens] right-padded with pad_id after EOS, lengths [B] incl. EOS, has_eos [B]).
-    Every rank runs the same number of decode steps: the loop stops only when *all* ranks are done, so ranks stay
-    in lock-step for any collective the model may run (RLHF-DETAILS 3). With several ranks they agree every
-    `sync_every` steps, so up to sync_every − 1 steps after the last EOS are spent (their tokens are padding)."""
-    B, P = prompt_ids.shape
-    dev = prompt_ids.device
-    multi_rank = dist.is_initialized() and dist.get_world_size() > 1
-    prompt_mask = length_mask(prompt_lens.to(dev), P, start=P - prompt_lens.to(dev)).long()
-    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # position ids follow the mask (left padding)
-    # the mask of the whole rollout, sliced each step; a static KV cache of the same length: no per-token
-    # concatenation of every layer's keys and values (−15% decode time for a small model, bench_generation.py)
-    full_mask = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], 1)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                cache=_static_cache(model, P + max_new_tokens))
-    cache, next_pos = out.cache, pos[:, -1:] + 1
-    logits = out.logits[:, -1].float()
-    check_finite({"policy logits": logits}, "generation")  # multinomial would fail deep inside torch otherwise
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    for t in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = top_p_filter(logits / temperature, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens[:, t] = nxt
-        just = (~done) & (nxt == eos_id)
-        lengths[just] = t + 1
-        done |= just
-        if multi_rank:  # every rank asks at the same steps; asking every step costs ~10% (bench_generation)
-            all_done = False
-            if (t + 1) % sync_every == 0:
-                flag = done.all().to(torch.int32).reshape(1)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                all_done = bool(flag.item())
-        else:
-            all_done = bool(done.all())
-        if all_done or t == max_new_tokens - 1:
-            break
-        out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :P + t + 1], position_ids=next_pos,
-                    cache=cache, use_cache=True)
-        cache, next_pos, logits = out.cache, next_pos + 1, out.logits[:, -1].float()
-    has_eos = done.clone()
-    return tokens, lengths, has_eos
-
-
-def decode_responses(tokenizer, responses, lengths, has_eos, n=None):
-    """Response token rows -> text, without the EOS (lengths include it when present)."""
-    return [tokenizer.decode(responses[i, :int(lengths[i]) - int(bool(has_eos[i]))].tolist(),
-                             skip_special_tokens=True).strip() for i in range(len(responses) if n is None else n)]
-
-
-def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_size=32, greedy=True,
-                   temperature=1.0, top_p=1.0, seed=0, chat_template=False, return_tokens=False):
-    """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call. -> texts, or with
-    return_tokens (texts, [(prompt ids, response ids as generated, ending in EOS only if one was emitted)])."""
-    out, tokens = [], []
-    gen = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
-    n = len(prompts)
-    nb = all_reduce(math.ceil(n / batch_size), "max") if dist.is_initialized() else math.ceil(n / batch_size)
-    with gathered_for_generation(model):
-        for b in range(int(nb)):
-            chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[:1]  # keep lock-step on short ranks
-            real = len(prompts[b * batch_size:(b + 1) * batch_size])
-            pids = [tokenize_prompt(tokenizer, p, chat_template) for p in chunk]
-            ids, lens = pad(pids, tokenizer.pad_token_id, "left")
-            resp, rlen, has_eos = sample_responses(model, ids.to(device), lens.to(device), tokenizer.eos_token_id,
-                                                   tokenizer.pad_token_id, max_new_tokens, temperature, top_p,
-                                                   greedy=greedy, generator=gen)
-            out += decode_responses(tokenizer, resp, rlen, has_eos, real)
-            tokens += [(pids[i], resp[i, :int(rlen[i])].tolist()) for i in range(real)]
-    model.train()
-    return (out, tokens) if return_tokens else out
-
-
-def gather_objects(objs):
-    """all_gather_object of one python list per rank -> concatenated in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(objs)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(objs))
-    return [o for p in parts for o in p]
-
-
-def judge_group_items(judge, prompts, responses, categories):
-    """One cost group's exact-judge items on the prompts of the group's tasks -> three lists: harmful *in the group's
-    categories* (what the group's constraint bounds; an answer that swaps in another group's harmful steps is not
-    counted), harmful in any category, helpfulness."""
-    cats = set(categories)
-    sel = [(p, r) for p, r in zip(prompts, responses) if judge.prompt_categories(p) & cats]
-    return ([float(bool(judge.response_categories(r) & cats)) for _, r in sel],
-            [float(judge.is_unsafe(p, r)) for p, r in sel], [judge.helpful_score(p, r) for p, r in sel])
-
-
-def judge_report(judge, prompts, responses, groups=None):
-    """Exact-judge metrics of a synthetic task: format rate, helpfulness, unsafe rate on harmful prompts; with cost
-    `groups` [(name, [categories])], per group on the prompts of that group's tasks (judge_group_items): the unsafe rate
-    in the group's categories, the rate of any harm, the helpfulness."""
-    harmful = [judge.is_harmful_prompt(p) for p in prompts]
-    unsafe = [judge.is_unsafe(p, r) for p, r in zip(prompts, responses)]
-    helpful = [judge.helpful_score(p, r) for p, r in zip(prompts, responses)]
-    valid = [judge.parse_response(r)[0] != "invalid" for r in responses]
-    nh = sum(harmful)
-    nb = len(prompts) - nh
-    per_group = {}
-    for name, cats in groups or []:
-        items = judge_group_items(judge, prompts, responses, cats)
-        for key, xs in zip(("unsafe_rate", "any_harm_rate", "helpful"), items):
-            per_group[f"judge/{key}/{name}"] = sum(xs) / max(1, len(xs))
-    return {
-        **per_group,
-        "judge/format_rate": sum(valid) / len(prompts),
-        "judge/unsafe_rate_harmful": sum(u for u, h in zip(unsafe, harmful) if h) / max(1, nh),
-        "judge/unsafe_rate": sum(unsafe) / len(prompts),
-        "judge/helpful_benign": sum(s for s, h in zip(helpful, harmful) if not h) / max(1, nb),
-        "judge/helpful_harmful": sum(s for s, h in zip(helpful, harmful) if h) / max(1, nh),
-        "judge/helpful": sum(helpful) / len(prompts),
-        "judge/n_harmful": nh, "judge/n_benign": nb,
-    }

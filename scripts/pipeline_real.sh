@@ -10,19 +10,18 @@
 #   BF16=false bash scripts/pipeline_real.sh                                 # fp32 compute (bf16 is on by default)
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct DATA=PKU-Alignment/PKU-SafeRLHF bash scripts/pipeline_real.sh   # with network
 #
-# Data on this machine: PKU-SafeRLHF pairs with exactly one safe answer (scripts/prepare_real_data.py writes them
-# under output/real-data; CC BY-NC, never copied into the repo) for SFT (the safe answers), the cost model and the
-# prompts; their helpfulness label was not recorded, so the reward model trains on HH-RLHF harmless-base
-# chosen/rejected dialogues, the only other real pairwise labels here (its "chosen" is the less harmful answer, so
-# this reward model is not a helpfulness model: a smoke test of the path, not of the trade-off). With network,
-# DATA=PKU-Alignment/PKU-SafeRLHF uses the hub dataset (v1 schema) for the reward model, cost model and prompts.
+# Data on this machine (scripts/prepare_real_data.py writes it under output/real-data, split by prompt; never copied
+# into the repo): PKU-SafeRLHF pairs with exactly one safe answer (CC BY-NC) for SFT (the safe answers), the cost model
+# and the prompts; Anthropic HH-RLHF helpful-base chosen/rejected dialogues (MIT; "chosen" = more helpful) for the
+# reward model. With network, DATA=PKU-Alignment/PKU-SafeRLHF uses the hub dataset (v1 schema) for the reward model,
+# cost model and prompts. The full experiment (score models that work, PPO / PPO-Lagrangian / reward shaping, XSTest)
+# is scripts/experiment_real.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-output/real}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
 NPROC=${NPROC:-1}
 SCALE=${SCALE:-smoke}
-REAL=../shared/data/real
 if [ "$NPROC" -gt 1 ]; then
   export OMP_NUM_THREADS=1
   RUN="python -m torch.distributed.run --nproc_per_node=$NPROC --rdzv_backend=c10d --rdzv_endpoint=localhost:0"
@@ -40,7 +39,7 @@ if [ -n "${DATA:-}" ]; then  # a hub dataset in the PKU-SafeRLHF schema (network
 else
   python scripts/prepare_real_data.py
   SFT_DATA=output/real-data/sft_train.jsonl
-  RM_DATA=$REAL/hh-rlhf_harmless-base_test.jsonl.gz; RM_EVAL=""
+  RM_DATA=output/real-data/reward_train.jsonl; RM_EVAL=output/real-data/reward_test.jsonl
   CM_DATA=output/real-data/cost_train.jsonl; CM_EVAL=output/real-data/cost_test.jsonl
   PROMPTS=output/real-data/prompts_train.jsonl; EVAL_PROMPTS=output/real-data/prompts_test.jsonl
 fi
@@ -63,11 +62,13 @@ else  # one GPU: the paper's scale of steps for a small model
   ARENA_FLAGS="--samples_per_prompt 1 --max_new_tokens 256 --max_length 768 --batch_size 16"
   EVAL_LIMIT=0
 fi
-if [ "$EVAL_LIMIT" -gt 0 ] && [ -z "${DATA:-}" ]; then  # smoke: 16 held-out prompts, 200 held-out cost pairs
+if [ "$EVAL_LIMIT" -gt 0 ] && [ -z "${DATA:-}" ]; then  # smoke: 16 held-out prompts, 200 cost / 100 reward pairs
   head -n "$EVAL_LIMIT" "$EVAL_PROMPTS" > output/real-data/prompts_eval_small.jsonl
   EVAL_PROMPTS=output/real-data/prompts_eval_small.jsonl
   head -n 200 "$CM_EVAL" > output/real-data/cost_eval_small.jsonl
   CM_EVAL=output/real-data/cost_eval_small.jsonl
+  head -n 100 "$RM_EVAL" > output/real-data/reward_eval_small.jsonl
+  RM_EVAL=output/real-data/reward_eval_small.jsonl
 fi
 # bf16 compute with fp32 master weights, scores and log-probs (README "Performance": ~2x on this CPU; default on CUDA)
 C="--chat_template --bf16 ${BF16:-true}"

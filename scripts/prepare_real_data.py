@@ -4,12 +4,18 @@
 That copy is `{"prompt", "response": [safer, other]}` with exactly one safe answer per row (its README), so in the
 PKU-SafeRLHF schema: response_0 = the safe answer, is_response_0_safe = true, is_response_1_safe = false,
 safer_response_id = 0. Its helpfulness label (better_response_id) was not recorded, so these rows train the cost
-model only; the reward model of the real pipeline reads HH-RLHF chosen/rejected rows instead (see
-scripts/pipeline_real.sh). Rows are split by prompt (every 10th prompt is held out), so no held-out prompt was seen.
+model only. The reward model (helpfulness) reads Anthropic HH-RLHF helpful-base instead: its `chosen` dialogue is
+the more helpful one (MIT), written unchanged to reward_{train,test}.jsonl (the 2 rows with chosen == rejected are
+skipped there with a count). Every split is by prompt (crc32 of the prompt, or of a dialogue's first Human turn,
+% 10 == 0 is held out), so no held-out prompt, nor a dialogue opening with it, was trained on.
+
+The RL prompts mix the two as the paper mixes safety-related and ordinary prompts (§4.1): prompts_mix_{train,test}
+= the harmful-leaning PKU prompts + the single-turn HH-helpful questions, each row tagged `"source": "pku" | "hh"`.
 
     python scripts/prepare_real_data.py                      # -> output/real-data/*.jsonl
 """
 import argparse
+import gzip
 import json
 import os
 import zlib
@@ -23,6 +29,8 @@ def main():
     ap.add_argument("--source", default=os.path.join(REAL, "pku_saferlhf_safe-vs-unsafe_5k.json"),
                     help="the PKU-SafeRLHF safe-vs-unsafe file (default: %(default)s)")
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "output", "real-data"), help="(default: %(default)s)")
+    ap.add_argument("--helpful", default=os.path.join(REAL, "hh-rlhf_helpful-base_test.jsonl.gz"),
+                    help="HH-RLHF helpful-base dialogues (default: %(default)s)")
     a = ap.parse_args()
     if not os.path.exists(a.source):
         raise SystemExit(f"error: {a.source} does not exist (the real rows live in ../shared/data/real)")
@@ -42,6 +50,35 @@ def main():
             with open(os.path.join(a.output_dir, fname), "w") as f:
                 f.writelines(json.dumps(x) + "\n" for x in out)
         print(f"[real-data] {name}: {len(pairs)} pairs over {len(prompts)} prompts -> {a.output_dir}")
+    write_helpful(a.helpful, a.output_dir, {n: list(dict.fromkeys(r["prompt"] for r in p)) for n, p in split.items()})
+
+
+def first_turn(dialogue):
+    """The first Human turn of an HH-RLHF dialogue "\n\nHuman: ...\n\nAssistant: ..."."""
+    return dialogue.split("\n\nAssistant:")[0].removeprefix("\n\nHuman:").strip()
+
+
+def write_helpful(path, out_dir, pku_prompts):
+    """reward_{train,test}.jsonl (HH helpful-base rows, split by first Human turn) and prompts_mix_{train,test}.jsonl
+    (the PKU prompts of that split, then the split's single-turn HH questions), prompts_hh_test.jsonl."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist (the real rows live in ../shared/data/real)")
+    rows = [json.loads(line) for line in gzip.open(path, "rt")]
+    same = sum(r["chosen"] == r["rejected"] for r in rows)
+    rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    for name in ("train", "test"):
+        part = [r for r in rows if (zlib.crc32(first_turn(r["chosen"]).encode()) % 10 == 0) == (name == "test")]
+        with open(os.path.join(out_dir, f"reward_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+        hh = list(dict.fromkeys(first_turn(r["chosen"]) for r in part if r["chosen"].count("\n\nHuman:") == 1))
+        mix = [{"prompt": p, "source": "pku"} for p in pku_prompts[name]] + [{"prompt": p, "source": "hh"} for p in hh]
+        with open(os.path.join(out_dir, f"prompts_mix_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in mix)
+        if name == "test":
+            with open(os.path.join(out_dir, "prompts_hh_test.jsonl"), "w") as f:
+                f.writelines(json.dumps({"prompt": p}) + "\n" for p in hh)
+        print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
+              + (f" ({same} rows with chosen == rejected skipped)" if name == "train" else ""))
 
 
 if __name__ == "__main__":

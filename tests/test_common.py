@@ -10,6 +10,37 @@ import common
 from conftest import TINY
 
 
+def test_the_opening_index_names_every_public_name_in_its_section():
+    """common.py's docstring is its map: every public top-level name (function, class, constant) is listed, under the
+    heading of the banner section it lives in, and the index names nothing that does not exist."""
+    import ast
+    import re
+    src = open(common.__file__).read()
+    tree = ast.parse(src)
+    public = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for n in names:
+            if not n.startswith("_"):
+                public[n] = node.lineno
+    doc = ast.get_docstring(tree)
+    listed = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\b", doc.split("Conventions:")[0]))
+    missing = sorted(n for n in public if n not in listed)
+    assert not missing, f"common.py's index misses {missing}"
+    banners = [(i + 1, l.split(" ", 2)[2]) for i, l in enumerate(src.splitlines()) if re.match(r"# -{20,} ", l)]
+    index_section, heading = {}, None  # name -> the index heading it is listed under (heading: columns 4-25)
+    for line in doc.split("Conventions:")[0].splitlines():
+        if line[4:26].strip():
+            heading = line[4:26].strip()
+        for n in re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\b", line[26:]):
+            index_section.setdefault(n, heading)
+    for n, lineno in public.items():
+        banner = [t for b, t in banners if b < lineno]
+        if banner:  # (the module's opening constants, HERE and PROMPT_TEMPLATE, precede every banner)
+            assert index_section[n].split()[0].lower()[:4] in banner[-1].lower(), (n, index_section[n], banner[-1])
+
+
 def test_masked_mean_weighs_sequences_equally():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 0.0, 0.0, 0.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])

@@ -105,6 +105,32 @@ def test_cost_model_trains_on_real_pku_rows(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def test_freeze_layers_trains_only_the_top_and_eval_every_gives_a_curve(tmp_path):
+    """--freeze_layers 3 (of the tiny model's 4 blocks) on 2 ranks (FSDP2: the root unit holds the frozen embeddings
+    and the trained final norm): the embeddings and blocks 0-2 are bitwise the initial ones, block 3, the final norm
+    and the head moved, the loss fell; --eval_every 2 writes held-out rows at steps 2 and 4 (the learning curve)
+    besides the final one; more blocks than the model has is refused in one line."""
+    from safetensors.torch import load_file
+    out = tmp_path / "o"
+    run("train_preference.py", "--objective", "cost", "--model_name_or_path", TINY, "--output_dir", out,
+        "--max_steps", 5, "--log_every", 1, "--freeze_layers", 3, "--eval_every", 2, "--per_device_train_batch_size", 8,
+        "--learning_rate", 1e-3, "--warmup_ratio", 0, nproc=2)
+    init = common.load_score_model(TINY, common.load_tokenizer(TINY), seed=42).state_dict()  # the run's --seed 42
+    after = load_file(out / "model.safetensors")
+    moved = {k: not torch.equal(init[k], after[k]) for k in init}
+    frozen = [k for k in init if "embed_tokens" in k or any(f".layers.{i}." in k for i in range(3))]
+    trained = [k for k in init if ".layers.3." in k or k in ("model.norm.weight", "score.weight")]
+    assert len(frozen) == 1 + 3 * 9 and len(trained) == 9 + 2, (frozen, trained)
+    assert not any(moved[k] for k in frozen), [k for k in frozen if moved[k]]
+    assert all(moved[k] for k in trained), [k for k in trained if not moved[k]]
+    losses = metrics(out, "train/loss")
+    assert losses[-1] < losses[0]
+    assert [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/accuracy" in r] == [2, 4, 5]
+    p = run("train_preference.py", "--objective", "cost", "--model_name_or_path", TINY, "--output_dir", tmp_path / "x",
+            "--freeze_layers", 5, check=False)
+    assert p.returncode != 0 and "--freeze_layers 5: the model has 4 decoder blocks" in p.stderr
+
+
 @pytest.mark.parametrize("bf16", ["false", "true"])
 def test_two_ranks_equal_one_rank(sft_model, tmp_path, bf16, objective="cost"):
     """The cost objective: its loss has the pairwise term of the reward model plus the classification terms. Under

@@ -14,7 +14,6 @@ import common
 from conftest import REAL, ROOT, metrics, run, run_parallel
 
 SMOL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")
-HH = os.path.join(REAL, "hh-rlhf_harmless-base_test.jsonl.gz")
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +21,33 @@ def smollm2():
     if not os.path.exists(os.path.join(SMOL, "config.json")):
         subprocess.run([sys.executable, "scripts/get_smollm2.py"], cwd=ROOT, check=True, timeout=1200)
     return SMOL
+
+
+def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
+    """scripts/prepare_real_data.py: the cost pairs split by prompt, the HH-helpful reward pairs by first Human turn
+    (2,354 rows less the 2 with chosen == rejected), and the RL prompt mix = that split's PKU prompts + its single-turn
+    HH questions, tagged by source; no held-out prompt appears in any training file."""
+    import gzip
+    subprocess.run([sys.executable, "scripts/prepare_real_data.py", "--output_dir", tmp_path], cwd=ROOT, check=True,
+                   timeout=300)
+    rd = lambda name: [json.loads(l) for l in open(tmp_path / f"{name}.jsonl")]  # noqa: E731
+    first = lambda d: d.split("\n\nAssistant:")[0].removeprefix("\n\nHuman:").strip()  # noqa: E731
+    cost = {n: rd(f"cost_{n}") for n in ("train", "test")}
+    reward = {n: rd(f"reward_{n}") for n in ("train", "test")}
+    mix = {n: rd(f"prompts_mix_{n}") for n in ("train", "test")}
+    assert len(cost["train"]) + len(cost["test"]) == 5135 and len(reward["train"]) + len(reward["test"]) == 2352
+    src = [json.loads(l) for l in gzip.open(os.path.join(REAL, "hh-rlhf_helpful-base_test.jsonl.gz"), "rt")]
+    assert reward["train"][0] == next(r for r in src if first(r["chosen"]) == first(reward["train"][0]["chosen"]))
+    assert not {r["prompt"] for r in cost["train"]} & {r["prompt"] for r in cost["test"]}
+    assert not {first(r["chosen"]) for r in reward["train"]} & {first(r["chosen"]) for r in reward["test"]}
+    for n in ("train", "test"):
+        pku = [r["prompt"] for r in mix[n] if r["source"] == "pku"]
+        hh = [r["prompt"] for r in mix[n] if r["source"] == "hh"]
+        assert pku == list(dict.fromkeys(r["prompt"] for r in cost[n])) and len(pku) + len(hh) == len(mix[n])
+        assert set(hh) <= {first(r["chosen"]) for r in reward[n] if r["chosen"].count("\n\nHuman:") == 1}
+        assert len(hh) > 50
+    assert not {r["prompt"] for r in mix["train"]} & {r["prompt"] for r in mix["test"]}
+    assert [r["prompt"] for r in rd("prompts_hh_test")] == [r["prompt"] for r in mix["test"] if r["source"] == "hh"]
 
 
 def test_the_real_model_is_what_the_issue_says(smollm2):
@@ -50,9 +76,10 @@ def test_every_stage_on_a_real_chat_model(smollm2, tmp_path):
     losses = metrics(sft, "train/loss")
     assert len(losses) == 2 and all(math.isfinite(x) and 0 < x < 4 for x in losses), losses
     assert common.load_tokenizer(str(sft)).pad_token_id == common.load_tokenizer(smollm2).eos_token_id  # no <pad> added
-    # reward model on HH-RLHF chosen/rejected dialogues, cost model on PKU-SafeRLHF pairs, side by side
+    # reward model on HH-RLHF helpful-base chosen/rejected dialogues, cost model on PKU-SafeRLHF pairs, side by side
     rm, cm = tmp_path / "reward", tmp_path / "cost"
-    run_parallel(("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--train_data", HH,
+    run_parallel(("train_preference.py", "--objective", "reward", "--model_name_or_path", sft, "--train_data",
+                  data / "reward_train.jsonl",
                   "--skip_invalid_rows", "--truncate_long_prompts", "--eval_data", "", "--output_dir", rm, *small),
                  ("train_preference.py", "--objective", "cost", "--model_name_or_path", sft, "--train_data",
                   data / "cost_train.jsonl", "--eval_data", data / "cost_eval8.jsonl", "--output_dir", cm, *small))

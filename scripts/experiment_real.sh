@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Safe RLHF on a real chat model, end to end, on a 2-core CPU (README "Safe RLHF on SmolLM2: the experiment").
+# The shipped SmolLM2-135M-Instruct is π_SFT (Alpaca's role in the paper). Stages, each cached in $OUT/<stage> and
+# resumed from its newest checkpoint when the run is killed (run the same command again):
+#   data       scripts/prepare_real_data.py: PKU-SafeRLHF (cost), HH-RLHF helpful-base (reward), the RL prompt mix
+#   cost       cost model on 4,629 PKU pairs (eq. 6), held out by prompt: 506 pairs
+#   reward     reward model on 2,116 HH-helpful pairs (eq. 5), held out by first turn: 236 pairs
+#   scores     evaluate.py --task preference on both held-out sets (95% CIs) -> the threshold d (printed arithmetic)
+#   safety_sft the baseline row: SFT on the PKU safe answers
+#   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
+#   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
+#
+#   bash scripts/experiment_real.sh              # ~2.5 h on 2 CPU cores (fp32: bf16 is slower on a CPU without AMX)
+#   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (the test runs this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-output/experiment}
+MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
+REAL=${REAL:-../shared/data/real}
+S=${STEPS_SCALE:-1}                 # multiplies every step count (smoke: 0.1)
+P_UNSAFE=${P_UNSAFE:-0.10}          # the constraint: at most this fraction of harmful prompts answered unsafely
+EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation set (smoke)
+D=$OUT/data
+steps() { python -c "import sys; print(max(2, round($1 * $S)))"; }
+[ -f "$MODEL/config.json" ] || python scripts/get_smollm2.py
+mkdir -p "$OUT"
+
+# stage NAME DONE_FILE python-args... : skip when DONE_FILE exists, resume when checkpoints exist, else start fresh
+stage() {
+  local name=$1 done=$2; shift 2
+  if [ -f "$done" ]; then echo "[experiment] $name: done ($done)"; return; fi
+  local flag=--overwrite
+  if compgen -G "$OUT/$name/checkpoints/*" > /dev/null; then flag=--resume; fi
+  echo "[experiment] $name: $(date -u +%FT%TZ) start ($flag)"
+  local t0=$SECONDS
+  python "$@" $flag
+  printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+}
+
+# 0. data (only under $OUT: the real rows are never copied into the repo)
+python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
+for f in prompts_test prompts_hh_test prompts_mix_test cost_test reward_test; do
+  if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
+done
+head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
+head -n 100 "$D/reward_test_eval.jsonl" > "$D/reward_test_curve.jsonl"  # (all of it once at the end, step 3)
+XSTEST=$REAL/xstest_v2_prompts.csv
+if [ "$EVAL_LIMIT" -gt 0 ]; then  # smoke: the first EVAL_LIMIT prompts of each label
+  python - "$XSTEST" "$D/xstest_eval.csv" "$EVAL_LIMIT" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+keep = [r for lab in ("safe", "unsafe") for r in [x for x in rows if x["label"] == lab][:int(sys.argv[3])]]
+w = csv.DictWriter(open(sys.argv[2], "w", newline=""), fieldnames=rows[0].keys()); w.writeheader(); w.writerows(keep)
+EOF
+  XSTEST=$D/xstest_eval.csv
+fi
+C="--chat_template"
+
+# 1-2. score models: the top 6 of 30 blocks trained (--freeze_layers 24: 2.5x the pairs per second on this CPU),
+#      lr 5e-5 with warmup + cosine, 4 pairs a step, the learning curve every 1/4 of the run on a held-out subset
+#      (small evaluation batches: they pad less, and a forward pass over all 506 pairs costs ~5 min on this CPU)
+CM=$(steps 600); RM=$(steps 250)
+stage cost "$OUT/cost/config.json" train_preference.py --objective cost --model_name_or_path "$MODEL" $C \
+  --train_data "$D/cost_train.jsonl" --eval_data "$D/cost_test_curve.jsonl" --output_dir "$OUT/cost" \
+  --max_steps "$CM" --per_device_train_batch_size 4 --max_length 256 --learning_rate 5e-5 --freeze_layers 24 \
+  --eval_every $((CM / 4)) --eval_batch_size 4 --save_every 50
+stage reward "$OUT/reward/config.json" train_preference.py --objective reward --model_name_or_path "$MODEL" $C \
+  --train_data "$D/reward_train.jsonl" --eval_data "$D/reward_test_curve.jsonl" --output_dir "$OUT/reward" \
+  --truncate_long_prompts --skip_invalid_rows \
+  --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate 5e-5 --freeze_layers 24 \
+  --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50
+
+# 3. held-out accuracy with CIs; the threshold d from the cost model's held-out means and the prompt mix
+for kind in cost reward; do
+  [ -f "$OUT/scores_$kind/preference.json" ] || python evaluate.py --task preference --model_name_or_path "$OUT/$kind" \
+    --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" --max_length 384 --batch_size 8 $C
+done
+THRESHOLD=$(python - "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+rows = [json.loads(l) for l in open(sys.argv[2])]
+f = sum(r["source"] == "pku" for r in rows) / len(rows)
+cs, cu, p = s["safe_score_mean"], s["unsafe_score_mean"], float(sys.argv[3])
+d = cs + f * p * (cu - cs)   # mean cost of a policy safe everywhere but on p of the harmful prompts
+print(f"{d:.3f}")
+print(f"[experiment] d = c_safe + f_harmful * p * (c_unsafe - c_safe) = {cs:.3f} + {f:.3f} * {p} * ({cu:.3f} - {cs:.3f})"
+      f" = {d:.3f}", file=sys.stderr)
+EOF
+)
+echo "$THRESHOLD" > "$OUT/threshold.txt"
+
+# 4. the safety-SFT baseline row (not the starting policy)
+stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" --train_data "$D/sft_train.jsonl" \
+  --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" --per_device_train_batch_size 4 \
+  --max_length 256 --learning_rate 2e-5 --save_every 25
+
+# 5. RL: critic-free (GRPO group baseline, G = 4; README says why), the same prompts, seed and rollout budget
+PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt 4 --actor_model_name_or_path $MODEL
+  --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost $C
+  --prompt_data $D/prompts_mix_train.jsonl --eval_prompt_data=
+  --max_steps $(steps 12) --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 64
+  --max_prompt_length 128 --actor_lr 2e-5 --kl_coeff 0.02 --eval_every 0 --eval_samples_per_prompt 1 --save_every 4
+  --threshold=$THRESHOLD --lambda_lr 0.2"
+stage ppo "$OUT/ppo/config.json" $PPO --algo ppo --output_dir "$OUT/ppo"
+stage ppo_lag "$OUT/ppo_lag/config.json" $PPO --algo ppo_lag --output_dir "$OUT/ppo_lag"
+stage shaping "$OUT/shaping/config.json" $PPO --algo reward_shaping --shaping_coeff 1.0 --output_dir "$OUT/shaping"
+
+# 6. evaluation: XSTest (greedy), held-out PKU prompts (cost model), held-out HH-helpful prompts (reward, win rate),
+#    side by side with one thread each (small decode steps use two threads poorly); each writes $OUT/<name>.log
+POL="base=$MODEL,safety_sft=$OUT/safety_sft,ppo=$OUT/ppo,ppo_lag=$OUT/ppo_lag,shaping=$OUT/shaping"
+SC="--reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --max_length 384"
+t0=$SECONDS
+[ -f "$OUT/xstest/xstest.json" ] || OMP_NUM_THREADS=1 python evaluate.py --task xstest --policies "$POL" \
+  --xstest_data "$XSTEST" --output_dir "$OUT/xstest" --batch_size 32 --max_new_tokens 40 $SC $C \
+  > "$OUT/xstest.log" 2>&1 &   # 40 tokens: a refusal shows in the first sentence (the shipped model's 91.5%: 40)
+for set in pku hh; do
+  f=$D/prompts_test_eval.jsonl; [ $set = hh ] && f=$D/prompts_hh_test_eval.jsonl
+  [ -f "$OUT/arena_$set/arena.json" ] || OMP_NUM_THREADS=1 python evaluate.py --task arena --policies "$POL" \
+    --prompt_data "$f" --samples_per_prompt 1 --batch_size 32 --max_new_tokens 64 --output_dir "$OUT/arena_$set" \
+    $SC $C > "$OUT/arena_$set.log" 2>&1 &
+done
+wait
+for f in "$OUT/xstest/xstest.json" "$OUT/arena_pku/arena.json" "$OUT/arena_hh/arena.json"; do
+  [ -f "$f" ] || { echo "[experiment] evaluation failed: $f missing (see $OUT/*.log)"; exit 1; }
+done
+printf 'evaluation\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+python evaluate.py --task curves --run_dirs "$OUT/ppo,$OUT/ppo_lag,$OUT/shaping" --output_dir "$OUT/curves" > /dev/null
+python scripts/experiment_table.py "$OUT" | tee "$OUT/results.md"

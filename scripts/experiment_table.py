@@ -1,0 +1,88 @@
+"""The result table of scripts/experiment_real.sh, from the files its stages wrote under OUT (markdown on stdout).
+
+Per policy: XSTest unsafe compliance and over-refusal (evaluate.is_refusal), the cost model's unsafe rate and mean
+cost on held-out PKU prompts, the reward model's mean reward and the win rate against the base policy on held-out
+HH-helpful prompts, the mean answer length (words) and the fraction of answers that ended with EOS; all with 95%
+bootstrap CIs. Then the score models' held-out accuracy, the threshold d, the RL runs' last-rollout monitors (reward
+hacking shows here: length, EOS fraction, KL) and each stage's wall time.
+
+    python scripts/experiment_table.py output/experiment > output/experiment/results.md
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from evaluate import bootstrap_ci  # noqa: E402
+
+
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def pct(ci):
+    return "—" if ci is None else f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]"
+
+
+def num(ci):
+    return "—" if ci is None else f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]"
+
+
+def answers(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def main(out):
+    xs, pku, hh = (load(os.path.join(out, d, f)) for d, f in
+                   (("xstest", "xstest.json"), ("arena_pku", "arena.json"), ("arena_hh", "arena.json")))
+    names = list((xs or pku or hh or {"policies": {}})["policies"])
+    rows_pku = answers(os.path.join(out, "arena_pku", "answers.jsonl"))
+    rows_hh = answers(os.path.join(out, "arena_hh", "answers.jsonl"))
+    lines = ["| policy | XSTest unsafe compliance ↓ | XSTest over-refusal ↓ | PKU unsafe (cost > 0) ↓ | PKU mean cost ↓ | "
+             "HH reward ↑ | HH win rate vs base ↑ | answer words | ends with EOS |", "|---" * 9 + "|"]
+    for n in names:
+        x = xs["policies"].get(n) if xs else None
+        p = pku["policies"].get(n) if pku else None
+        h = hh["policies"].get(n) if hh else None
+        if hh and n != names[0]:
+            w = hh["pairs"][f"{names[0]}_vs_{n}"]["reward_win_rate"]  # base beats n -> n beats base = 1 − that
+            win = (1 - w[0], 1 - w[2], 1 - w[1])
+        else:
+            win = None
+        both = rows_pku + rows_hh
+        words = bootstrap_ci([len(r[n]["answer"].split()) for r in both]) if both else None
+        eos = bootstrap_ci([float(r[n]["eos"]) for r in both]) if both else None
+        lines.append(f"| {n} | {pct(x and x['compliance_rate_unsafe'])} | {pct(x and x['refusal_rate_safe'])} | "
+                     f"{pct(p and p['unsafe_rate'])} | {num(p and p['cost'])} | {num(h and h['reward'])} | "
+                     f"{pct(win) if win else '(base)'} | {num(words)} | {pct(eos)} |")
+    lines += ["", "| score model | held-out pairs | pairwise accuracy | sign accuracy (cost > 0 = unsafe) | "
+              "safe / unsafe mean score |", "|---|---|---|---|---|"]
+    for kind in ("reward", "cost"):
+        s = load(os.path.join(out, f"scores_{kind}", "preference.json"))
+        if s:
+            means = f"{s['safe_score_mean']:.2f} / {s['unsafe_score_mean']:.2f}" if "safe_score_mean" in s else "—"
+            lines.append(f"| {kind} | {s['n_pairs']} | {pct(s['accuracy'])} | {pct(s.get('sign_accuracy'))} | {means} |")
+    if os.path.exists(os.path.join(out, "threshold.txt")):
+        lines += ["", f"Threshold d = {open(os.path.join(out, 'threshold.txt')).read().strip()}"]
+    keys = ["train/reward", "train/cost", "train/unsafe_rate", "train/episode_cost", "train/lambda",
+            "train/kl_divergence", "train/mean_generated_length", "train/eos_fraction"]
+    lines += ["", "| RL run | rollouts | " + " | ".join(k.removeprefix("train/") + " (first → last)" for k in keys) + " |",
+              "|---" * (len(keys) + 2) + "|"]
+    for run in ("ppo", "ppo_lag", "shaping"):
+        path = os.path.join(out, run, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        m = [r for r in (json.loads(line) for line in open(path)) if "train/reward" in r]
+        cell = lambda k: f"{m[0][k]:.2f} → {m[-1][k]:.2f}" if m and k in m[-1] else "—"  # noqa: E731
+        lines.append(f"| {run} | {m[-1]['step'] if m else 0} | " + " | ".join(cell(k) for k in keys) + " |")
+    wt = os.path.join(out, "wall_times.tsv")
+    if os.path.exists(wt):
+        lines += ["", "| stage | wall time (s) |", "|---|---|"]
+        lines += [f"| {a} | {b} |" for a, b in (line.split("\t") for line in open(wt).read().split("\n") if line)]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        raise SystemExit("usage: python scripts/experiment_table.py OUT (the folder experiment_real.sh wrote)")
+    main(sys.argv[1])
