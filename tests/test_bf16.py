@@ -122,7 +122,7 @@ def test_ppo_step_under_bf16_on_the_same_rollout(one_rank, sft_model, score_mode
     assert models[True]["actor"].model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # fp32 master weights
     assert _local_bytes(models[True]["ref"]) == _local_bytes(models[False]["ref"]) // 2
     cast = _build("score", reward, tok, True, False)  # fp32 storage, bf16 compute
-    ids = batch["seq"]
+    ids = batch.seq
     assert torch.equal(cast(input_ids=ids).logits, models[True]["reward"](input_ids=ids).logits)
 
 
