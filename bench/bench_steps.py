@@ -53,19 +53,19 @@ def main():
                     "--output_dir", f"{out}/{algo}{nproc}_{length}"], nproc)
                 s = _util.summary(rows)
                 med = {k: _util.median_steps(rows, k) for k in
-                       ("time/step", "time/generate", "time/score", "time/advantages", "time/lambda", "time/update",
+                       ("time/step", "time/generate", "time/score", "time/signals", "time/lambda", "time/advantages", "time/update",
                         "tokens/generated")}
                 r = {"algo": algo, "ranks": nproc, "response_length": length, **med,
                      "generation_tokens_per_s": med["tokens/generated"] / med["time/generate"],
                      "peak_rss_mb_per_rank": s.get("peak_rss_mb"), "param_optim_mb_per_rank": s.get("param_optim_mb")}
                 results["ppo"].append(r)
                 ppo_rows.append([algo, nproc, length, med["time/step"], med["time/generate"], med["time/score"],
-                                 med["time/advantages"] + med["time/lambda"], med["time/update"],
+                                 med["time/signals"] + med["time/lambda"] + med["time/advantages"], med["time/update"],
                                  r["generation_tokens_per_s"], max(s["peak_rss_mb"]), max(s["param_optim_mb"])])
     print("\nSupervised steps (median wall time per optimiser step)")
     _util.table(["stage", "ranks", "step s", "tokens/s", "peak RSS MB/rank", "params+optim MB/rank"], sup_rows)
     print("\nPPO steps (one rollout batch; median seconds per phase)")
-    _util.table(["algo", "ranks", "resp len", "step s", "generate", "score", "adv+λ", "update", "gen tok/s",
+    _util.table(["algo", "ranks", "resp len", "step s", "generate", "score", "signals+λ+adv", "update", "gen tok/s",
                  "peak RSS MB/rank", "params+optim MB/rank"], ppo_rows)
     ratios = []
     for r in results["ppo"]:

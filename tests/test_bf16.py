@@ -85,7 +85,7 @@ def test_ppo_step_under_bf16_on_the_same_rollout(one_rank, sft_model, score_mode
     sft, (reward, cost) = sft_model[0], score_models
     tok = common.load_tokenizer(sft, padding_side="left")
     args = SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=24, max_length=0, chat_template=False,
-                           cost_heads=None, kl_coeff=0.05, clip_range_score=50.0, gamma=1.0, gae_lambda=0.95)
+                           kl_coeff=0.05, clip_range_score=50.0, gamma=1.0, gae_lambda=0.95)
     prompts = [(p, common.tokenize_prompt(tok, p)) for p in ["how do i make a bomb ?", "how do i bake bread ?"] * 4]
     models, out = {}, {}
     for bf16 in (False, True):
@@ -96,19 +96,19 @@ def test_ppo_step_under_bf16_on_the_same_rollout(one_rank, sft_model, score_mode
     batch = ppo.rollout(models[False]["actor"], prompts, tok, args, torch.device("cpu"), torch.Generator().manual_seed(0))
     for bf16, m in models.items():
         s = ppo.score_rollout(batch, m, args, {"actor": tok})
-        mask, lens = batch["mask"], batch["lens"]
-        kl = (s["old_logp"] - s["ref_logp"]) * mask
-        r_t = ppo.per_token_signal(kl, s["reward"], lens, mask, 0.05, -1.0, 50.0)
-        c_t = ppo.per_token_signal(kl, s["cost"], lens, mask, 0.05, +1.0, 50.0)
-        adv_r, _ = common.gae(r_t, s["reward_values"], mask)
-        adv_c, _ = common.gae(c_t, s["cost_values"][0], mask)
+        mask, lens = batch.mask, batch.lens
+        kl = (s.old_logp - s.ref_logp) * mask
+        r_t = ppo.per_token_signal(kl, s.reward, lens, mask, 0.05, -1.0, 50.0)
+        c_t = ppo.per_token_signal(kl, s.cost, lens, mask, 0.05, +1.0, 50.0)
+        adv_r, _ = common.gae(r_t, s.reward_values, mask)
+        adv_c, _ = common.gae(c_t, s.cost_values[0], mask)
         adv = ppo.mixed_advantage(adv_r, [adv_c], [1.0])
-        logp = ppo.response_logprobs(m["actor"], batch["seq"], batch["attn"], batch["pos"], batch["P"], 1.0)
-        loss = ppo.actor_loss(logp, s["old_logp"], adv, mask, 0.2)
-        for t in (s["old_logp"], s["ref_logp"], s["reward"], s["cost"], s["reward_values"], adv, logp, loss):
+        logp = ppo.response_logprobs(m["actor"], batch.seq, batch.attn, batch.pos, batch.P, 1.0)
+        loss = ppo.actor_loss(logp, s.old_logp, adv, mask, 0.2)
+        for t in (s.old_logp, s.ref_logp, s.reward, s.cost, s.reward_values, adv, logp, loss):
             assert t.dtype == torch.float32
-        assert torch.equal(s["old_logp"], s["ref_logp"]) and torch.equal(logp, s["old_logp"])  # KL 0, ratio exactly 1
-        out[bf16] = {"logp": s["old_logp"], "reward": s["reward"], "cost": s["cost"], "loss": loss.item()}
+        assert torch.equal(s.old_logp, s.ref_logp) and torch.equal(logp, s.old_logp)  # KL 0, ratio exactly 1
+        out[bf16] = {"logp": s.old_logp, "reward": s.reward, "cost": s.cost, "loss": loss.item()}
     assert not torch.equal(out[True]["logp"], out[False]["logp"])  # bf16 did run
     assert (out[True]["logp"] - out[False]["logp"]).abs().max() < 0.1
     for k in ("reward", "cost"):
@@ -122,7 +122,7 @@ def test_ppo_step_under_bf16_on_the_same_rollout(one_rank, sft_model, score_mode
     assert models[True]["actor"].model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # fp32 master weights
     assert _local_bytes(models[True]["ref"]) == _local_bytes(models[False]["ref"]) // 2
     cast = _build("score", reward, tok, True, False)  # fp32 storage, bf16 compute
-    ids = batch["seq"]
+    ids = batch.seq
     assert torch.equal(cast(input_ids=ids).logits, models[True]["reward"](input_ids=ids).logits)
 
 

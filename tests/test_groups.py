@@ -207,18 +207,15 @@ def test_constraint_flags_are_checked_in_one_line():
     groups = common.parse_cost_groups(tiny_safety.GROUPS)
 
     def args(**kw):
-        a = argparse.Namespace(cost_categories="", threshold="-4.5", cost_model_name_or_path="cm", **kw)
-        a.thresholds = [float(x) for x in a.threshold.split(",")]
-        return a
+        return argparse.Namespace(cost_categories="", threshold="-4.5", cost_model_name_or_path="cm", **kw)
     assert ppo_lagrangian.select_constraints(groups, args()) == ([0, 1, 2, 3], [g for g, _ in groups], [-4.5] * 4)
-    a = args(); a.cost_categories, a.threshold, a.thresholds = "cheating,violence", "1,-2", [1.0, -2.0]
+    a = args(); a.cost_categories, a.threshold = "cheating,violence", "1,-2"
     assert ppo_lagrangian.select_constraints(groups, a) == ([3, 0], ["cheating", "violence"], [1.0, -2.0])
     assert ppo_lagrangian.select_constraints([], args()) == (None, [""], [-4.5])
     for bad, match in ((dict(cost_categories="violense"), "'violense' is not a group of the cost model cm"),
                        (dict(threshold="1,2"), "2 values for 4 constrained groups")):
         a = args()
         a.cost_categories = bad.get("cost_categories", "")
-        a.thresholds = [float(x) for x in bad.get("threshold", "-4.5").split(",")]
         a.threshold = bad.get("threshold", "-4.5")
         with pytest.raises(common.UserError, match=match):
             ppo_lagrangian.select_constraints(groups, a)

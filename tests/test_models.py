@@ -61,8 +61,8 @@ def test_score_inputs_round_trip_text_and_keep_a_missing_eos(foreign):
     ids, plens = common.pad(pids, actor_tok.pad_token_id, "left")
     resp, rlens = common.pad(rids, actor_tok.pad_token_id)
     seq, attn, pos, mask = ppo.sequence_inputs(ids, plens, resp, rlens)
-    batch = {"seq": seq, "attn": attn, "pos": pos, "P": ids.shape[1], "lens": rlens, "responses": resp,
-             "has_eos": torch.tensor([True, False]), "prompt_texts": prompts}
+    batch = ppo.Rollout(seq=seq, attn=attn, pos=pos, mask=mask, lens=rlens, has_eos=torch.tensor([True, False]),
+                        P=ids.shape[1], responses=resp, prompt_texts=prompts)
     assert ppo.score_inputs(batch, actor_tok, None, False)[0] is seq  # same tokenizer: the rollout's own ids
     s_seq, s_attn, s_pos, s_P, s_lens = ppo.score_inputs(batch, actor_tok, score_tok, False)
     model = common.load_score_model(foreign, score_tok).eval()

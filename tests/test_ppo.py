@@ -202,3 +202,133 @@ def test_offloaded_frozen_models_train_the_same(pipeline, tmp_path):
         assert code == 0, err[-2000:]
     assert metrics(tmp_path / "plain") == metrics(tmp_path / "offload")
     assert len(metrics(tmp_path / "plain", "train/lambda")) == 2
+
+
+# ----------------------------------------------------------------------------- the phases of main(), standalone (fast)
+@pytest.fixture(scope="module")
+def untrained_scorers(tmp_path_factory):
+    """Score models with weights (a seeded head on the bundled tiny config, no training): one with one overall cost,
+    one with the tiny task's four cost groups. Enough for plan_run's checks and a one-step run."""
+    import common
+    import tiny_safety
+    from conftest import TINY
+    base = tmp_path_factory.mktemp("scorers")
+    tok = common.load_tokenizer(TINY)
+    for name, groups in (("one", None), ("groups", common.parse_cost_groups(tiny_safety.GROUPS))):
+        common.load_score_model(TINY, tok, cost_groups=groups).save_pretrained(base / name)
+        tok.save_pretrained(base / name)
+    return TINY, str(base / "one"), str(base / "groups")
+
+
+def test_plan_resolves_every_derived_value_and_leaves_args_alone(untrained_scorers, tmp_path):
+    """plan_run resolves the per-device batch (from --rollout_batch_size), N, G, the critics, the K constraints with
+    their heads, names and thresholds, and changes nothing in args."""
+    import ppo_lagrangian as ppo
+    actor, one, groups = untrained_scorers
+    m = ["--actor_model_name_or_path", actor, "--reward_model_name_or_path", one, "--eval_prompt_data", ""]
+    args = ppo.parse_args([str(a) for a in [*m, "--cost_model_name_or_path", groups, "--cost_categories",
+                           "cheating,violence", "--threshold=1,-2", "--rollout_batch_size", 16, "--adv_estimator",
+                           "rloo", "--samples_per_prompt", 2, "--per_device_train_batch_size", 8, "--output_dir",
+                           tmp_path / "a"]])
+    before = dict(vars(args))
+    plan, data = ppo.plan_run(args, world=2)
+    assert vars(args) == before  # nothing added, nothing overwritten
+    assert not hasattr(args, "thresholds") and not hasattr(args, "cost_heads")
+    assert (plan.world, plan.per_device_prompt_batch_size, plan.samples_per_prompt, plan.responses_per_rank) == (2, 8, 2, 16)
+    assert args.per_device_prompt_batch_size == 32  # the flag keeps its value; the plan holds the resolved one
+    assert (plan.critic, plan.use_cost, plan.cost_critic) == (False, True, False)
+    assert (plan.cost_heads, plan.cost_names, plan.thresholds, plan.K) == ([3, 0], ["cheating", "violence"], [1.0, -2.0], 2)
+    assert plan.cost_window == 128 and plan.n_prompts == len(data.prompts) and not data.eval_ids
+    assert plan.total_steps == 60 and plan.optimiser_steps == 60 * (16 // 8)
+    # --algo ppo: no cost model, no constraint (K = 0); gae: a reward critic
+    plan, _ = ppo.plan_run(ppo.parse_args([*m, "--algo", "ppo", "--output_dir", str(tmp_path / "b")]), world=1)
+    assert (plan.K, plan.thresholds, plan.cost_names, plan.cost_heads) == (0, [], [], None)
+    assert (plan.critic, plan.use_cost, plan.cost_critic, plan.per_device_prompt_batch_size) == (True, False, False, 32)
+
+
+def test_main_writes_plan_json_and_never_changes_args(untrained_scorers, tmp_path, monkeypatch):
+    """A one-step run: args is the same object with the same values at the end of main() as after parse_args, and
+    plan.json (beside args.json) holds the plan main() used; each block has its own timing."""
+    import dataclasses
+    import ppo_lagrangian as ppo
+    from conftest import main_inprocess
+    actor, one, _ = untrained_scorers
+    seen = {}
+    parse, plan_run = ppo.parse_args, ppo.plan_run
+
+    def parse_and_keep(argv=None):
+        seen["args"] = parse(argv)
+        seen["before"] = dict(vars(seen["args"]))
+        return seen["args"]
+
+    def plan_and_keep(args, world):
+        seen["plan"], data = plan_run(args, world)
+        return seen["plan"], data
+    monkeypatch.setattr(ppo, "parse_args", parse_and_keep)
+    monkeypatch.setattr(ppo, "plan_run", plan_and_keep)
+    out = tmp_path / "o"
+    code, _, err = main_inprocess("ppo_lagrangian.py", "--actor_model_name_or_path", actor, "--reward_model_name_or_path",
+                                  one, "--cost_model_name_or_path", one, "--rollout_batch_size", 8,
+                                  "--per_device_train_batch_size", 8, "--max_new_tokens", 4, "--max_steps", 1,
+                                  "--eval_prompt_data", "", "--judge", "", "--save_model", "False", "--output_dir", out)
+    assert code == 0, err[-3000:]
+    assert vars(seen["args"]) == seen["before"]
+    assert json.load(open(out / "args.json"))["per_device_prompt_batch_size"] == 32  # the flag, as given
+    saved = json.load(open(out / "plan.json"))
+    assert saved == json.loads(json.dumps(dataclasses.asdict(seen["plan"])))
+    assert saved["per_device_prompt_batch_size"] == 8 and saved["K"] == 1 and saved["thresholds"] == [-4.5]
+    timings = json.loads(open(out / "timings.jsonl").readline())
+    assert {"time/signals", "time/lambda", "time/advantages"} <= set(timings)
+
+
+def _hand_rollout():
+    """Two responses of 3 tokens (row 0: 2 tokens and an EOS; row 1: cut off at 3, no EOS)."""
+    import ppo_lagrangian as ppo
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    z = torch.zeros(2, 5, dtype=torch.long)
+    return ppo.Rollout(seq=z, attn=z, pos=z, mask=mask, lens=torch.tensor([2, 3]), has_eos=torch.tensor([True, False]),
+                       P=2, responses=z[:, :3], prompt_texts=["a", "b"])
+
+
+def test_per_token_signals_every_stream_hand_computed():
+    """r_t = −β·kl_t + [t=last]·R and, for each of K = 2 constraints, c_kt = +β·kl_t + [t=last]·C_k (divided by the
+    cost std); kl is 0 on padding; a missing EOS replaces R (not C); reward_shaping uses R − ν·C and has no c_t."""
+    from types import SimpleNamespace
+    import ppo_lagrangian as ppo
+    batch = _hand_rollout()
+    old = torch.tensor([[0.5, -0.2, 7.0], [0.1, 0.0, 0.3]])
+    s = ppo.Scores(old_logp=old, ref_logp=torch.zeros(2, 3), entropy=torch.tensor(0.0), reward=torch.tensor([4.0, 80.0]),
+                   cost=torch.tensor([2.0, 6.0]), cost_heads=torch.tensor([[2.0, -4.0], [6.0, 1.0]]))
+    args = SimpleNamespace(algo="ppo_lag", missing_eos_penalty=-3.0, kl_coeff=0.1, clip_range_score=50.0, shaping_coeff=0.5)
+    kl, reward, r_t, c_t = ppo.per_token_signals(s, batch, args, SimpleNamespace(K=2), reward_std=2.0, cost_std=2.0)
+    assert torch.equal(kl, old * batch.mask) and kl[0, 2] == 0.0
+    assert reward.tolist() == [2.0, -3.0]  # 4 / 2; row 1 has no EOS: the penalty
+    assert torch.allclose(r_t, torch.tensor([[-0.05, 0.02 + 2.0, 0.0], [-0.01, 0.0, -0.03 - 3.0]]))
+    assert len(c_t) == 2
+    assert torch.allclose(c_t[0], torch.tensor([[0.05, -0.02 + 1.0, 0.0], [0.01, 0.0, 0.03 + 3.0]]))
+    assert torch.allclose(c_t[1], torch.tensor([[0.05, -0.02 - 2.0, 0.0], [0.01, 0.0, 0.03 + 0.5]]))
+    args.algo, args.missing_eos_penalty = "reward_shaping", None
+    _, reward, r_t, c_t = ppo.per_token_signals(s, batch, args, SimpleNamespace(K=0), reward_std=2.0, cost_std=2.0)
+    assert reward.tolist() == [2.0 - 0.5 * 1.0, 40.0 - 0.5 * 3.0] and c_t == []  # R − ν·C, C = cost / cost std
+    assert r_t[1, 2].item() == pytest.approx(-0.03 + 38.5)
+
+
+def test_update_lambda_standalone():
+    """Block 5 alone: each λ_k moves on its own J_k − d_k from the raw costs in the window; K = 0 moves nothing."""
+    from types import SimpleNamespace
+    import ppo_lagrangian as ppo
+    args = SimpleNamespace(lagrangian="gradient", lambda_init=1.0, lambda_lr=0.1, lambda_max=5.0, lambda_update_delay_steps=0)
+    plan = SimpleNamespace(K=2, thresholds=[0.0, 5.0], grouped=True, cost_window=4)
+    duals = ppo.make_duals(args, plan)
+    s = ppo.Scores(old_logp=None, ref_logp=None, entropy=None, reward=None, cost=torch.tensor([4.0, 3.0]),
+                   cost_heads=torch.tensor([[1.0, 4.0], [3.0, 0.0]]))
+    J, lams = ppo.update_lambda(duals, plan, s)
+    assert J == [2.0, 2.0] and lams == pytest.approx([math.exp(0.1 * 2.0), math.exp(0.1 * (2.0 - 5.0))])
+    assert list(duals.window) == [[1.0, 4.0], [3.0, 0.0]] and duals.history == [lams]
+    one = SimpleNamespace(K=1, thresholds=[3.0], grouped=False, cost_window=4)
+    duals = ppo.make_duals(args, one)
+    J, lams = ppo.update_lambda(duals, one, ppo.Scores(None, None, None, None, cost=s.cost))  # one cost: [C] each
+    assert J == [3.5] and duals.history == [lams[0]] and list(duals.window) == [[4.0], [3.0]]
+    none = SimpleNamespace(K=0, thresholds=[], grouped=False, cost_window=4)
+    duals = ppo.make_duals(args, none)
+    assert ppo.update_lambda(duals, none, s) == ([], []) and not duals.window and not duals.multipliers

@@ -18,15 +18,15 @@ rollout, score_rollout, stream_advantages = ppo.rollout, ppo.score_rollout, ppo.
 
 def recorded_rollout(*a, **k):
     batch = rollout(*a, **k)
-    rec["prompts"].append(batch["prompt_texts"])
+    rec["prompts"].append(batch.prompt_texts)
     return batch
 
 
 def recorded_score(batch, *a, **k):
     s = score_rollout(batch, *a, **k)
-    rec["kl_sum"].append(((s["old_logp"] - s["ref_logp"]) * batch["mask"]).sum(-1).tolist())
-    rec["reward"].append(s["reward"].tolist())
-    rec["cost"].append((s["cost_heads"] if "cost_heads" in s else s["cost"][:, None]).tolist() if "cost" in s else [])
+    rec["kl_sum"].append(((s.old_logp - s.ref_logp) * batch.mask).sum(-1).tolist())
+    rec["reward"].append(s.reward.tolist())
+    rec["cost"].append(s.costs.tolist() if s.cost is not None else [])
     return s
 
 
