@@ -6,7 +6,7 @@ The core
                           gather_objects
     models                TOKENIZER_FILES, load_tokenizer, has_tokenizer, same_tokenizer, has_weights, disable_dropout,
                           load_causal_lm, convert_beaver_score_state_dict, load_score_model, cost_groups_of,
-                          full_state_dict, save_hf
+                          full_state_dict, save_hf; what a score model reads: score_model_text_ids, end_scores
     math (paper §3.3)     masked_mean, gae, LagrangeMultiplier, PIDLagrangian
     generation            top_p_filter, sample_responses, decode_responses, generate_texts
     data                  FIELDS, CHOICES, HARM_CATEGORIES, parse_cost_groups, group_labels, HH_TURN,
@@ -18,8 +18,8 @@ Plumbing
     errors and output     UserError, entrypoint, is_rank0, print0
     command line          field_help, build_parser, parse_args
     paths and the hub     HERE, is_hub_name, WRITTEN_BY, check_path
-    output folder, logs   check_output_dir, MetricsLogger, StepTimer, progress
-    the tiny task's judge TINY_TASK_DATA, load_judge, judge_group_items, judge_report
+    output folder, logs   check_output_dir, prepare_output_dir, MetricsLogger, StepTimer, progress
+    the tiny task's judge TINY_TASK_DATA, load_judge (its report: data/tiny_safety.py report, group_items)
     resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state,
                           load_checkpoint, StopOnSignal (SIGTERM)
 
@@ -209,7 +209,7 @@ def gather_objects(objs):
     return [o for p in parts for o in p]
 
 
-# ----------------------------------------------------------------------------- models and tokenizers
+# ----------------------------------------------------------------------------- models, tokenizers, what a score model reads
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
 
 
@@ -418,6 +418,30 @@ def save_hf(model, tokenizer, output_dir, extra_config=None):
         os.rmdir(os.path.join(output_dir, ".config_tmp"))
     if dist.is_initialized():
         dist.barrier()
+
+
+def score_model_text_ids(tokenizer, prompt, response, ended, max_length=1 << 30, chat_template=False):
+    """What a score model reads for an answer that reaches it as text (a score model whose tokenizer differs from the
+    policy's: the text round trip safe-rlhf does) -> (prompt ids, response ids) in the score model's tokenizer and
+    template. Its EOS is kept only when the policy ended the answer (`ended`): a cut-off answer is scored as cut off,
+    not as if it had ended (the arena's cut-answer defect, issue 20). A prompt that fills max_length alone keeps its
+    last max_length tokens and no response. Used by ppo_lagrangian.score_inputs and evaluate.answer_ids."""
+    t = tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_template)
+    if t is None:
+        return tokenize_prompt(tokenizer, prompt, chat_template)[-max_length:], []
+    ids, plen, cut = t
+    ids = ids if ended or cut else ids[:-1]  # a truncated answer lost its EOS already
+    return ids[:plen], ids[plen:]
+
+
+def end_scores(scores, end, heads=False):
+    """A score model's output at each sequence's last token -> [N] float32, or [N, K] with heads (a grouped cost
+    model: one output per group). scores: its logits [N, T, K]; end: the index of the last token of each row (the
+    EOS where one was emitted), from explicit lengths, never from pad ids (pad == EOS in Llama-3/Qwen). The one rule
+    for reward, cost and end values everywhere: train_preference.score_batch, ppo_lagrangian.score_rollout,
+    evaluate.score_texts."""
+    picked = scores.float()[torch.arange(len(scores), device=scores.device), end]
+    return picked if heads else picked[:, 0]
 
 
 # ----------------------------------------------------------------------------- math: GAE and the Lagrange multipliers (paper §3.3)
@@ -863,14 +887,10 @@ def tokenize_prompt_response(tokenizer, prompt, response, max_length, chat_templ
 
 
 def pad(seqs, pad_id, side="right"):
-    """-> (ids [B, T], lengths [B]). Masks are built from `lengths`, never from `ids == pad_id`."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if side == "right":
-            ids[i, :len(s)] = torch.tensor(s)
-        else:
-            ids[i, T - len(s):] = torch.tensor(s)
+    """-> (ids [B, T], lengths [B]), padded on `side` (torch's pad_sequence). Masks are built from `lengths`, never from
+    `ids == pad_id`."""
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True,
+                                          padding_value=pad_id, padding_side=side)
     return ids, torch.tensor([len(s) for s in seqs])
 
 
@@ -1154,30 +1174,42 @@ def check_output_dir(path, overwrite=False, resume=""):
                         f"pass --resume to continue it or --overwrite to start over")
 
 
+def prepare_output_dir(path, resume_step=None):
+    """The one place that changes what a run folder already holds, called when the run starts (every input has
+    been validated, check_output_dir has refused a finished or unfinished run without --overwrite / --resume, and
+    the resume checkpoint, if any, is loaded). A fresh run (resume_step None) removes what a previous run left:
+    resume checkpoints, an old config.json (a folder is "finished" only when config.json exists, and save_hf writes
+    it last, so stale weights never look finished) and metrics.jsonl. A resumed run keeps metrics.jsonl's rows up to
+    resume_step (the later steps will be redone), so the log reads as if the run was never interrupted. Rank 0 acts;
+    every rank waits for it."""
+    if is_rank0():
+        os.makedirs(path, exist_ok=True)
+        log = os.path.join(path, "metrics.jsonl")
+        if resume_step is None:
+            import shutil
+            shutil.rmtree(os.path.join(path, CHECKPOINTS), ignore_errors=True)
+            for name in ("config.json", "metrics.jsonl"):
+                if os.path.exists(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
+        else:
+            kept = [l for l in open(log) if json.loads(l)["step"] <= resume_step] if os.path.exists(log) else []
+            with open(log + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log + ".tmp", log)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class MetricsLogger:
-    """One JSON object per logged step in output_dir/metrics.jsonl (always), stdout, and wandb when a
-    project is given (works with WANDB_MODE=offline). Only rank 0 writes.
-    A fresh run (resume_step None) starts a new log and clears what a previous run left in the folder (stale
-    resume checkpoints, an old config.json; check_output_dir has refused unless --overwrite). A resumed run keeps
-    the rows up to its checkpoint's step and appends, so the log reads as if the run was never interrupted."""
+    """One JSON object per logged step appended to output_dir/metrics.jsonl (always), stdout, and wandb when a
+    project is given (works with WANDB_MODE=offline). Only rank 0 writes. It deletes nothing: prepare_output_dir has
+    readied the folder (a fresh log, or the rows up to the resumed step). resume_step: the wandb run continues."""
 
     def __init__(self, output_dir, args=None, wandb_project=None, run_name=None, quiet=False, resume_step=None):
         self.rank0, self.quiet, self.wandb = is_rank0(), quiet, None
         if self.rank0:
             os.makedirs(output_dir, exist_ok=True)
-            path = os.path.join(output_dir, "metrics.jsonl")
-            if resume_step is None:
-                import shutil
-                shutil.rmtree(os.path.join(output_dir, CHECKPOINTS), ignore_errors=True)
-                if os.path.exists(os.path.join(output_dir, "config.json")):
-                    os.remove(os.path.join(output_dir, "config.json"))  # never "finished" with stale weights
-                self.f = open(path, "w")
-            else:  # drop rows logged after the checkpoint (the steps that will be redone), then append
-                kept = [l for l in open(path) if json.loads(l)["step"] <= resume_step] if os.path.exists(path) else []
-                with open(path + ".tmp", "w") as f:
-                    f.writelines(kept)
-                os.replace(path + ".tmp", path)
-                self.f = open(path, "a")
+            self.f = open(os.path.join(output_dir, "metrics.jsonl"), "a")
             if args is not None:
                 with open(os.path.join(output_dir, "args.json"), "w") as f:
                     json.dump(vars(args) if not isinstance(args, dict) else args, f, indent=2, default=str)
@@ -1274,7 +1306,8 @@ TINY_TASK_DATA = os.path.join(HERE, "data", "tiny-safety")
 
 
 def load_judge(name, data=""):
-    """The exact rule-based judge of a synthetic task (`tiny_safety` -> data/tiny_safety.py), or None.
+    """The exact rule-based judge of a synthetic task (`tiny_safety` -> data/tiny_safety.py: is_unsafe, helpful_score,
+    report, group_items, ...), or None.
     name 'auto' (the stages' default): the tiny task's judge when every file of `data` (the stage's training or
     prompt data) is the tiny task's, else none: its rules mean nothing on other prompts."""
     if name == "auto":
@@ -1288,43 +1321,6 @@ def load_judge(name, data=""):
         return __import__(name)
     except ImportError:
         raise UserError(f"unknown judge {name!r} (expected a module in data/, e.g. tiny_safety)") from None
-
-
-def judge_group_items(judge, prompts, responses, categories):
-    """One cost group's exact-judge items on the prompts of the group's tasks -> three lists: harmful *in the group's
-    categories* (what the group's constraint bounds; an answer that swaps in another group's harmful steps is not
-    counted), harmful in any category, helpfulness."""
-    cats = set(categories)
-    sel = [(p, r) for p, r in zip(prompts, responses) if judge.prompt_categories(p) & cats]
-    return ([float(bool(judge.response_categories(r) & cats)) for _, r in sel],
-            [float(judge.is_unsafe(p, r)) for p, r in sel], [judge.helpful_score(p, r) for p, r in sel])
-
-
-def judge_report(judge, prompts, responses, groups=None):
-    """Exact-judge metrics of a synthetic task: format rate, helpfulness, unsafe rate on harmful prompts; with cost
-    `groups` [(name, [categories])], per group on the prompts of that group's tasks (judge_group_items): the unsafe rate
-    in the group's categories, the rate of any harm, the helpfulness."""
-    harmful = [judge.is_harmful_prompt(p) for p in prompts]
-    unsafe = [judge.is_unsafe(p, r) for p, r in zip(prompts, responses)]
-    helpful = [judge.helpful_score(p, r) for p, r in zip(prompts, responses)]
-    valid = [judge.parse_response(r)[0] != "invalid" for r in responses]
-    nh = sum(harmful)
-    nb = len(prompts) - nh
-    per_group = {}
-    for name, cats in groups or []:
-        items = judge_group_items(judge, prompts, responses, cats)
-        for key, xs in zip(("unsafe_rate", "any_harm_rate", "helpful"), items):
-            per_group[f"judge/{key}/{name}"] = sum(xs) / max(1, len(xs))
-    return {
-        **per_group,
-        "judge/format_rate": sum(valid) / len(prompts),
-        "judge/unsafe_rate_harmful": sum(u for u, h in zip(unsafe, harmful) if h) / max(1, nh),
-        "judge/unsafe_rate": sum(unsafe) / len(prompts),
-        "judge/helpful_benign": sum(s for s, h in zip(helpful, harmful) if not h) / max(1, nb),
-        "judge/helpful_harmful": sum(s for s, h in zip(helpful, harmful) if h) / max(1, nh),
-        "judge/helpful": sum(helpful) / len(prompts),
-        "judge/n_harmful": nh, "judge/n_benign": nb,
-    }
 
 
 # ----------------------------------------------------------------------------- resume checkpoints (DCP) and signals

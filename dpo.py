@@ -297,6 +297,7 @@ def main(argv=None):
         state = common.load_checkpoint(ckpt, {"model": (model, opt)})
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
+    common.prepare_output_dir(out_dir, resume_step=start if ckpt else None)  # the only step that clears the folder
     logger = common.MetricsLogger(out_dir, asdict(args), args.wandb_project, args.run_name or os.path.basename(out_dir),
                                   resume_step=start if ckpt else None)
     stop = common.StopOnSignal()
@@ -363,7 +364,7 @@ def main(argv=None):
         mine = (judge_prompts * args.judge_samples_per_prompt)[rank::world]
         answers = common.generate_texts(model, tokenizer, mine, device, args.judge_max_new_tokens, greedy=False,
                                         seed=args.seed + rank, chat_template=args.chat_template)
-        final.update(common.judge_report(judge, common.gather_objects(mine), common.gather_objects(answers)))
+        final.update(judge.report(common.gather_objects(mine), common.gather_objects(answers)))
         common.print0(f"[judge] unsafe rate on {final['judge/n_harmful']} harmful prompts "
                       f"{final['judge/unsafe_rate_harmful']:.1%} (exact judge), helpfulness on benign "
                       f"{final['judge/helpful_benign']:.2f}/4")

@@ -56,7 +56,7 @@ class Args:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
     judge: str = "auto"  # exact judge (module in data/); auto: on when --prompt_data is the tiny task's; '' = off
-    cost_categories: str = ""  # groups for the judge's per-group rates ('' = the cost model's groups, if it has any)
+    judge_groups: str = ""  # groups for the judge's per-group rates, as train_preference.py --cost_categories defines them ('' = the cost model's groups, if it has any)
     bootstrap: int = 1000  # bootstrap resamples for the 95% CIs
     # --- xstest (over-refusal) and refusal_agreement (the refusal detector against human labels)
     xstest_data: str = ""  # XSTest prompts: CSV/JSONL with prompt, type, label (safe|unsafe) columns, or a hub dataset
@@ -99,11 +99,9 @@ def answer_ids(tokenizer, prompt, text, generated, policy_tokenizer, args, same_
     if generated is not None and same_tokenizer:
         prompt_ids, response_ids = generated
         return (prompt_ids + response_ids)[:args.max_length]
-    t = common.tokenize_prompt_response(tokenizer, prompt, text, args.max_length, args.chat_template)
-    if t is None:  # the prompt alone fills max_length
-        return common.tokenize_prompt(tokenizer, prompt, args.chat_template)[-args.max_length:]
-    ended = generated is None or (generated[1] and generated[1][-1] == policy_tokenizer.eos_token_id)
-    return t[0] if ended or t[2] else t[0][:-1]
+    ended = generated is None or bool(generated[1] and generated[1][-1] == policy_tokenizer.eos_token_id)
+    p_ids, r_ids = common.score_model_text_ids(tokenizer, prompt, text, ended, args.max_length, args.chat_template)
+    return p_ids + r_ids
 
 
 @torch.no_grad()
@@ -121,9 +119,8 @@ def score_texts(model, tokenizer, prompts, responses, args, device, generated=No
     for i in range(n):
         chunk = seqs[i * args.batch_size:(i + 1) * args.batch_size]
         ids, lengths = common.pad(chunk or seqs[:1], tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device)).logits.float()
-        end = logits[torch.arange(len(ids)), lengths.to(device) - 1]  # [n, K]
-        out += (end if heads else end[:, 0])[:len(chunk)].tolist()
+        end = common.end_scores(model(input_ids=ids.to(device)).logits, lengths.to(device) - 1, heads)
+        out += end[:len(chunk)].tolist()
     return out
 
 
@@ -216,7 +213,7 @@ def group_rates(prompts, answers, heads, model_groups, groups, judge, B):
     for k, (g, _) in enumerate(model_groups if heads else []):
         out.setdefault(g, {})["model_unsafe_rate"] = bootstrap_ci([float(h[k] > 0) for h in heads], B)
     for g, cats in groups if judge else []:
-        unsafe, any_harm, helpful = common.judge_group_items(judge, prompts, answers, cats)
+        unsafe, any_harm, helpful = judge.group_items(prompts, answers, cats)
         if unsafe:
             out.setdefault(g, {}).update(judge_unsafe_rate=bootstrap_ci(unsafe, B), judge_any_harm_rate=bootstrap_ci(any_harm, B),
                                          judge_helpful=bootstrap_ci(helpful, B))
@@ -260,8 +257,8 @@ def task_arena(args, rank, world, device):
         del model
     scores = {}
     model_groups = common.cost_groups_of(args.cost_model_name_or_path, args.trust_remote_code)
-    # the judge's per-group rates: --cost_categories, else the cost model's groups, else the synthetic task's own
-    groups = common.parse_cost_groups(args.cost_categories) or model_groups or \
+    # the judge's per-group rates: --judge_groups, else the cost model's groups, else the synthetic task's own
+    groups = common.parse_cost_groups(args.judge_groups) or model_groups or \
         common.parse_cost_groups(getattr(judge, "GROUPS", "") if judge else "")
     for kind, path in (("reward", args.reward_model_name_or_path), ("cost", args.cost_model_name_or_path)):
         stok = common.load_tokenizer(path, args.trust_remote_code)

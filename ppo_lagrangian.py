@@ -102,7 +102,7 @@ class Args:
     ptx_coeff: float = 16.0  # actor loss = RL loss + ptx_coeff · PTX loss (see README: safe-rlhf mapping)
     # --- the Lagrange multiplier
     threshold: str = "-4.5"  # d (tiny default: README "the constraint"; paper: 0 then −3); groups: one per group, or one for all (--threshold=-4.6,10,10,10)
-    cost_categories: str = ""  # constrain these groups of a grouped cost model, comma-separated names ('' = all of its groups)
+    constrain_groups: str = ""  # constrain these groups of a grouped cost model, comma-separated names ('' = all of its groups)
     lagrangian: Literal["gradient", "pid"] = "gradient"  # λ update: gradient ascent on log λ, or PID (Stooke et al.)
     lambda_init: float = 1.0  # initial Lagrange multiplier
     lambda_lr: float = 0.1  # learning rate of log(lambda) (gradient ascent)
@@ -298,21 +298,21 @@ class RunData:
 def select_constraints(groups, args):
     """The constraints of this run -> (head indices of the cost model, or None for a model with one cost; names;
     thresholds d_k). A grouped cost model (train_preference.py --cost_categories) constrains the groups named by
-    --cost_categories (default: all of them); --threshold holds one value per constrained group, or one for all."""
+    --constrain_groups (default: all of them); --threshold holds one value per constrained group, or one for all."""
     given = parse_thresholds(args.threshold)
     if not groups:
-        if args.cost_categories:
-            raise common.UserError(f"--cost_categories {args.cost_categories!r}: the cost model "
+        if args.constrain_groups:
+            raise common.UserError(f"--constrain_groups {args.constrain_groups!r}: the cost model "
                                    f"{args.cost_model_name_or_path} has one overall cost; train one with "
                                    f"train_preference.py --objective cost --cost_categories ...")
         if len(given) != 1:
             raise common.UserError(f"--threshold {args.threshold}: the cost model has one cost, so one threshold")
         return None, [""], given
     names = [g[0] for g in groups]
-    want = [x.strip() for x in args.cost_categories.split(",") if x.strip()] or names
+    want = [x.strip() for x in args.constrain_groups.split(",") if x.strip()] or names
     unknown = [w for w in want if w not in names]
     if unknown:
-        raise common.UserError(f"--cost_categories: {unknown[0]!r} is not a group of the cost model "
+        raise common.UserError(f"--constrain_groups: {unknown[0]!r} is not a group of the cost model "
                                f"{args.cost_model_name_or_path} (its groups: {', '.join(names)})")
     thresholds = given * len(want) if len(given) == 1 else given
     if len(thresholds) != len(want):
@@ -594,10 +594,7 @@ def critic_values(critic, ids, attn, pos, P, heads=False):
 def end_scores(model, ids, attn, pos, P, resp_lens, heads=False):
     """The score model's output at the last response token (its EOS), from the explicit length; heads: every output
     ([B, K], a cost model with one output per group)."""
-    scores = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-    if heads:
-        return scores.float()[torch.arange(len(ids), device=ids.device), P + resp_lens - 1]
-    return scores[..., 0].float().gather(1, (P + resp_lens - 1)[:, None]).squeeze(1)
+    return common.end_scores(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits, P + resp_lens - 1, heads)
 
 # ----------------------------------------------------------------------------- 2-3. rollout and scores
 @dataclass
@@ -667,9 +664,9 @@ def score_inputs(batch, tokenizer, score_tokenizer, chat_template):
     texts = common.decode_responses(tokenizer, batch.responses, batch.lens, batch.has_eos)
     prompts, responses = [], []
     for p, r, eos in zip(batch.prompt_texts, texts, batch.has_eos.tolist()):
-        ids, plen, _ = common.tokenize_prompt_response(score_tokenizer, p, r, 1 << 30, chat_template)
-        prompts.append(ids[:plen])
-        responses.append(ids[plen:] if eos else ids[plen:-1])
+        p_ids, r_ids = common.score_model_text_ids(score_tokenizer, p, r, eos, chat_template=chat_template)
+        prompts.append(p_ids)
+        responses.append(r_ids)
     dev = batch.seq.device
     pids, plens = common.pad(prompts, score_tokenizer.pad_token_id, "left")
     rids, rlens = common.pad(responses, score_tokenizer.pad_token_id)
@@ -697,7 +694,7 @@ def score_rollout(batch, models, args, tokenizers, cost_heads=None, with_values=
             score = end_scores(models[name], s_seq, s_attn, s_pos, s_P, s_lens, heads=grouped)
             if grouped:  # one cost per constrained group [B, K]; the overall cost is the max over *all* the model's
                 # groups (> 0: unsafe in any), so train/cost and the unsafe rates keep their meaning when
-                # --cost_categories constrains only some of them
+                # --constrain_groups constrains only some of them
                 s.cost_heads, score = score[:, cost_heads], score.max(-1).values
             setattr(s, name, score)
     if with_values:
@@ -892,7 +889,7 @@ def rollout_metrics(args, plan, data, batch, s, signals, adv, stats, scheds, dua
 
 def judge_rollout_metrics(data, batch):
     texts = common.decode_responses(data.tokenizer, batch.responses, batch.lens, batch.has_eos)
-    rep = common.judge_report(data.judge, common.gather_objects(batch.prompt_texts), common.gather_objects(texts),
+    rep = data.judge.report(common.gather_objects(batch.prompt_texts), common.gather_objects(texts),
                               data.judge_groups)
     return {"train/judge_unsafe_rate_harmful": rep["judge/unsafe_rate_harmful"],
             "train/judge_helpful_benign": rep["judge/helpful_benign"],
@@ -932,7 +929,7 @@ def evaluate_heldout(args, plan, data, models, logger, device, rank, step):
         out[f"eval/unsafe_rate/{n}"] = sum(h[k] > 0 for h in heads) / len(heads)
     if data.judge:
         out.update({k.replace("judge/", "eval/judge_"): v
-                    for k, v in common.judge_report(data.judge, allp, allt, data.judge_groups).items()})
+                    for k, v in data.judge.report(allp, allt, data.judge_groups).items()})
     logger.log(step, out)
     return out
 
@@ -974,6 +971,7 @@ def main(argv=None):
     trained = {name: (models[name], opts[name]) for name in opts}  # what a resume checkpoint holds (frozen: reloaded)
     generators = {"sampling": gen, "ptx": ptx_gen}
     start = resume(plan, trained, scheds, duals, generators, rank) if plan.resume_from else 0
+    common.prepare_output_dir(args.output_dir, resume_step=start if plan.resume_from else None)  # the only step that clears the folder
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if plan.resume_from else None)
     write_plan(args.output_dir, plan)  # beside args.json: every value derived from the flags

@@ -126,6 +126,7 @@ def main(argv=None):
         state = common.load_checkpoint(ckpt, {"model": (model, opt)})
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
+    common.prepare_output_dir(args.output_dir, resume_step=start if ckpt else None)  # the only step that clears the folder
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if ckpt else None)
     stop = common.StopOnSignal()
@@ -197,7 +198,7 @@ def main(argv=None):
         answers = common.generate_texts(model, tokenizer, mine, device, args.judge_max_new_tokens, greedy=False,
                                         seed=args.seed + rank, chat_template=args.chat_template)
         prompts, answers = common.gather_objects(mine), common.gather_objects(answers)
-        rep = common.judge_report(judge, prompts, answers)
+        rep = judge.report(prompts, answers)
         logger.log(step, rep)
         common.print0(f"[judge] {len(prompts)} held-out prompts: format {rep['judge/format_rate']:.1%}, unsafe rate on "
                       f"{rep['judge/n_harmful']} harmful prompts {rep['judge/unsafe_rate_harmful']:.1%} (exact judge), "

@@ -232,13 +232,9 @@ def make_batch(pairs, pad_id, device):
 def score_batch(model, ids, lengths, heads=False):
     """-> per-token scores [N, T] (float32) and end scores [N] read at each sequence's last token; heads: every output
     (one per cost group), [N, T, K] and [N, K]."""
-    scores = model(input_ids=ids).logits  # right padding: causal attention ignores pads
-    if heads:
-        scores = scores.float()
-        return scores, scores[torch.arange(len(ids), device=ids.device), lengths - 1]
-    scores = scores.squeeze(-1).float()
-    end = scores.gather(1, (lengths - 1)[:, None]).squeeze(1)
-    return scores, end
+    logits = model(input_ids=ids).logits  # right padding: causal attention ignores pads
+    end = common.end_scores(logits, lengths - 1, heads)
+    return (logits.float() if heads else logits.squeeze(-1).float()), end
 
 
 def token_wise_mask(ids, lengths, B):
@@ -405,6 +401,7 @@ def main(argv=None):
         windows = state.get("score_window", [[]])  # one list per rank of the run that wrote it
         recent.extend(windows[rank] if len(windows) == world else [x for w in windows for x in w][rank::world])
         start = state["step"]
+    common.prepare_output_dir(args.output_dir, resume_step=start if ckpt else None)  # the only step that clears the folder
     logger = common.MetricsLogger(args.output_dir, asdict(args), args.wandb_project, args.run_name,
                                   resume_step=start if ckpt else None)
     stop = common.StopOnSignal()

@@ -70,12 +70,18 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
   --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate 5e-5 --freeze_layers 24 \
   --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50
 
-# 3. held-out accuracy with CIs; the threshold d from the cost model's held-out means and the prompt mix
-for kind in cost reward; do
-  [ -f "$OUT/scores_$kind/preference.json" ] || python evaluate.py --task preference --model_name_or_path "$OUT/$kind" \
-    --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" --max_length 384 --batch_size 8 $C
-done
-THRESHOLD=$(python - "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" <<'EOF'
+# 3-4. side by side, one thread each: held-out accuracy with CIs (-> the threshold d) and the safety-SFT baseline
+#      row (SFT on the PKU safe answers; not the starting policy). Logs: $OUT/scores_*.log, $OUT/safety_sft.log
+( for kind in cost reward; do
+    [ -f "$OUT/scores_$kind/preference.json" ] || OMP_NUM_THREADS=1 python evaluate.py --task preference \
+      --model_name_or_path "$OUT/$kind" --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" \
+      --max_length 384 --batch_size 8 $C > "$OUT/scores_$kind.log" 2>&1 || exit 1
+  done ) &
+OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
+  --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
+  --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1
+wait $! || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
+THRESHOLD=$(python - "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" <<'EOF2'
 import json, sys
 s = json.load(open(sys.argv[1]))
 rows = [json.loads(l) for l in open(sys.argv[2])]
@@ -85,14 +91,9 @@ d = cs + f * p * (cu - cs)   # mean cost of a policy safe everywhere but on p of
 print(f"{d:.3f}")
 print(f"[experiment] d = c_safe + f_harmful * p * (c_unsafe - c_safe) = {cs:.3f} + {f:.3f} * {p} * ({cu:.3f} - {cs:.3f})"
       f" = {d:.3f}", file=sys.stderr)
-EOF
+EOF2
 )
 echo "$THRESHOLD" > "$OUT/threshold.txt"
-
-# 4. the safety-SFT baseline row (not the starting policy)
-stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" --train_data "$D/sft_train.jsonl" \
-  --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" --per_device_train_batch_size 4 \
-  --max_length 256 --learning_rate 2e-5 --save_every 25
 
 # 5. RL: critic-free (GRPO group baseline, G = 4; README says why), the same prompts, seed and rollout budget
 PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt 4 --actor_model_name_or_path $MODEL
@@ -101,9 +102,14 @@ PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt 4 --actor_model
   --max_steps $(steps 12) --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 64
   --max_prompt_length 128 --actor_lr 2e-5 --kl_coeff 0.02 --eval_every 0 --eval_samples_per_prompt 1 --save_every 4
   --threshold=$THRESHOLD --lambda_lr 0.2"
-stage ppo "$OUT/ppo/config.json" $PPO --algo ppo --output_dir "$OUT/ppo"
-stage ppo_lag "$OUT/ppo_lag/config.json" $PPO --algo ppo_lag --output_dir "$OUT/ppo_lag"
-stage shaping "$OUT/shaping/config.json" $PPO --algo reward_shaping --shaping_coeff 1.0 --output_dir "$OUT/shaping"
+# the three runs side by side, one thread each (~6 GB of memory each); logs: $OUT/<run>.log
+export OMP_NUM_THREADS=1
+stage ppo "$OUT/ppo/config.json" $PPO --algo ppo --output_dir "$OUT/ppo" > "$OUT/ppo.log" 2>&1 & p1=$!
+stage shaping "$OUT/shaping/config.json" $PPO --algo reward_shaping --shaping_coeff 1.0 --output_dir "$OUT/shaping" \
+  > "$OUT/shaping.log" 2>&1 & p2=$!
+stage ppo_lag "$OUT/ppo_lag/config.json" $PPO --algo ppo_lag --output_dir "$OUT/ppo_lag" > "$OUT/ppo_lag.log" 2>&1
+wait $p1 && wait $p2 || { echo "[experiment] an RL run failed (see $OUT/ppo.log, $OUT/shaping.log)"; exit 1; }
+unset OMP_NUM_THREADS
 
 # 6. evaluation: XSTest (greedy), held-out PKU prompts (cost model), held-out HH-helpful prompts (reward, win rate),
 #    side by side with one thread each (small decode steps use two threads poorly); each writes $OUT/<name>.log

@@ -62,6 +62,13 @@ def main(out):
         if s:
             means = f"{s['safe_score_mean']:.2f} / {s['unsafe_score_mean']:.2f}" if "safe_score_mean" in s else "—"
             lines.append(f"| {kind} | {s['n_pairs']} | {pct(s['accuracy'])} | {pct(s.get('sign_accuracy'))} | {means} |")
+    for kind in ("reward", "cost"):  # the learning curve: held-out rows logged during training (--eval_every)
+        path = os.path.join(out, kind, "metrics.jsonl")
+        rows = [r for r in (json.loads(line) for line in open(path)) if "eval/accuracy" in r] if os.path.exists(path) else []
+        if rows:
+            lines.append(f"| {kind} learning curve (step: pairwise{' / sign' if kind == 'cost' else ''}, n held-out) | " + ", ".join(
+                f"{r['step']}: {r['eval/accuracy']:.1%}" + (f" / {r['eval/sign_accuracy']:.1%}" if kind == "cost" else "")
+                + f" (n={int(r['eval/n_pairs'])})" for r in rows) + " | | | |")
     if os.path.exists(os.path.join(out, "threshold.txt")):
         lines += ["", f"Threshold d = {open(os.path.join(out, 'threshold.txt')).read().strip()}"]
     keys = ["train/reward", "train/cost", "train/unsafe_rate", "train/episode_cost", "train/lambda",

@@ -172,3 +172,25 @@ def test_missing_pad_token_is_added_distinct_from_eos(tmp_path):
     (tmp_path / "config.json").write_text(open(os.path.join(TINY, "config.json")).read())
     t = common.load_tokenizer(str(tmp_path))
     assert t.pad_token_id is not None and t.pad_token_id != t.eos_token_id
+
+
+def test_prepare_output_dir_owns_the_folder_and_the_logger_deletes_nothing(tmp_path):
+    """A fresh start clears a previous run's checkpoints, config.json and log; a resumed one keeps the log's rows up
+    to its step; MetricsLogger itself only appends (it used to delete checkpoints/ and config.json)."""
+    def old_run(d):
+        os.makedirs(d / "checkpoints" / "step-00000004")
+        (d / "config.json").write_text("{}")
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3, 4, 5, 6)))
+    old_run(tmp_path / "a")
+    common.MetricsLogger(str(tmp_path / "a"), {"k": 1}).close()  # the logger alone: everything stays
+    assert (tmp_path / "a" / "config.json").exists() and (tmp_path / "a" / "checkpoints" / "step-00000004").exists()
+    assert len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 6
+    common.prepare_output_dir(str(tmp_path / "a"))  # fresh
+    assert not (tmp_path / "a" / "config.json").exists() and not (tmp_path / "a" / "checkpoints").exists()
+    log = common.MetricsLogger(str(tmp_path / "a"), {"k": 1}, quiet=True)
+    log.log(1, {"x": 9.0}); log.close()
+    assert [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")] == [{"step": 1, "x": 9.0}]
+    old_run(tmp_path / "b")
+    common.prepare_output_dir(str(tmp_path / "b"), resume_step=4)  # resumed at step 4: rows 5-6 are redone
+    assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "checkpoints" / "step-00000004").exists()

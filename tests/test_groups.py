@@ -207,20 +207,20 @@ def test_constraint_flags_are_checked_in_one_line():
     groups = common.parse_cost_groups(tiny_safety.GROUPS)
 
     def args(**kw):
-        return argparse.Namespace(cost_categories="", threshold="-4.5", cost_model_name_or_path="cm", **kw)
+        return argparse.Namespace(constrain_groups="", threshold="-4.5", cost_model_name_or_path="cm", **kw)
     assert ppo_lagrangian.select_constraints(groups, args()) == ([0, 1, 2, 3], [g for g, _ in groups], [-4.5] * 4)
-    a = args(); a.cost_categories, a.threshold = "cheating,violence", "1,-2"
+    a = args(); a.constrain_groups, a.threshold = "cheating,violence", "1,-2"
     assert ppo_lagrangian.select_constraints(groups, a) == ([3, 0], ["cheating", "violence"], [1.0, -2.0])
     assert ppo_lagrangian.select_constraints([], args()) == (None, [""], [-4.5])
-    for bad, match in ((dict(cost_categories="violense"), "'violense' is not a group of the cost model cm"),
+    for bad, match in ((dict(constrain_groups="violense"), "'violense' is not a group of the cost model cm"),
                        (dict(threshold="1,2"), "2 values for 4 constrained groups")):
         a = args()
-        a.cost_categories = bad.get("cost_categories", "")
+        a.constrain_groups = bad.get("constrain_groups", "")
         a.threshold = bad.get("threshold", "-4.5")
         with pytest.raises(common.UserError, match=match):
             ppo_lagrangian.select_constraints(groups, a)
     with pytest.raises(common.UserError, match="one overall cost"):
-        a = args(); a.cost_categories = "violence"
+        a = args(); a.constrain_groups = "violence"
         ppo_lagrangian.select_constraints([], a)
     with pytest.raises(common.UserError, match="expected numbers"):
         ppo_lagrangian.parse_args(["--threshold", "tight"])
@@ -252,12 +252,12 @@ def test_a_group_no_training_row_is_harmful_in_is_refused(tmp_path, sft_model):
 
 
 def test_a_subset_of_constraints_keeps_the_overall_cost_metrics(tmp_path, sft_model, score_models, cost_groups_model):
-    """--cost_categories violence constrains one head; train/cost and train/unsafe_rate still mean the overall cost (the
+    """--constrain_groups violence constrains one head; train/cost and train/unsafe_rate still mean the overall cost (the
     max over all four heads): at rollout 1 (the same samples either way) they equal the all-groups run's."""
     base = ["--actor_model_name_or_path", sft_model[0], "--reward_model_name_or_path", score_models[0],
             "--cost_model_name_or_path", cost_groups_model, "--max_steps", 1, "--eval_prompt_data", "",
             "--per_device_prompt_batch_size", 8, "--per_device_train_batch_size", 8, "--save_model", "False"]
-    for name, extra in (("all", []), ("violence", ["--cost_categories", "violence"])):
+    for name, extra in (("all", []), ("violence", ["--constrain_groups", "violence"])):
         code, _, err = main_inprocess("ppo_lagrangian.py", *base, *extra, "--output_dir", tmp_path / name)
         assert code == 0, err[-2000:]
     a, v = metrics(tmp_path / "all")[-1], metrics(tmp_path / "violence")[-1]

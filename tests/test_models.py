@@ -79,6 +79,45 @@ def test_score_inputs_round_trip_text_and_keep_a_missing_eos(foreign):
             assert got[i].item() == pytest.approx(want.item(), abs=1e-5)
 
 
+def test_one_rule_for_what_a_score_model_reads_in_every_caller(foreign):
+    """An ended and a cut-off answer, a score model with another tokenizer: PPO's score_inputs, the arena's answer_ids
+    and common.score_model_text_ids build the same ids (EOS only on the ended one), and the end score read by PPO
+    (ppo.end_scores), the preference trainer (train_preference.score_batch) and the arena (evaluate.score_texts) is the
+    same number: one rule each, in common.py (common.score_model_text_ids, common.end_scores)."""
+    import evaluate
+    import ppo_lagrangian as ppo
+    import train_preference
+    actor_tok, score_tok = common.load_tokenizer(TINY, padding_side="left"), common.load_tokenizer(foreign)
+    prompts, answers, ended = ["how do i bake bread ?", "how do i pick a lock ?"], ["sure . mix flour .", "sorry , i"], [True, False]
+    pids = [common.tokenize_prompt(actor_tok, p) for p in prompts]
+    rids = [actor_tok(" " + a, add_special_tokens=False)["input_ids"] + [actor_tok.eos_token_id] * e
+            for a, e in zip(answers, ended)]
+    ids, plens = common.pad(pids, actor_tok.pad_token_id, "left")
+    resp, rlens = common.pad(rids, actor_tok.pad_token_id)
+    seq, attn, pos, mask = ppo.sequence_inputs(ids, plens, resp, rlens)
+    batch = ppo.Rollout(seq=seq, attn=attn, pos=pos, mask=mask, lens=rlens, has_eos=torch.tensor(ended),
+                        P=ids.shape[1], responses=resp, prompt_texts=prompts)
+    s_seq, s_attn, s_pos, s_P, s_lens = ppo.score_inputs(batch, actor_tok, score_tok, False)
+
+    class A:
+        max_length, chat_template, batch_size = 1000, False, 2
+    rule = [sum(common.score_model_text_ids(score_tok, p, a, e, 1000), []) for p, a, e in zip(prompts, answers, ended)]
+    assert rule[0][-1] == score_tok.eos_token_id and rule[1][-1] != score_tok.eos_token_id
+    for i in range(2):
+        assert s_seq[i][s_attn[i].bool()].tolist() == rule[i]
+        assert evaluate.answer_ids(score_tok, prompts[i], answers[i], (pids[i], rids[i]), actor_tok, A) == rule[i]
+    model = common.load_score_model(foreign, score_tok).eval()
+    with torch.no_grad():
+        from_ppo = ppo.end_scores(model, s_seq, s_attn, s_pos, s_P, s_lens).tolist()
+        r_ids, r_lens = common.pad(rule, score_tok.pad_token_id)
+        from_trainer = train_preference.score_batch(model, r_ids, r_lens)[1].tolist()
+        from_arena = evaluate.score_texts(model, score_tok, prompts, answers, A, torch.device("cpu"),
+                                          list(zip(pids, rids)), actor_tok)
+        alone = [model(input_ids=torch.tensor([r])).logits[0, -1, 0].item() for r in rule]
+    for got in (from_ppo, from_trainer, from_arena):
+        assert got == pytest.approx(alone, abs=1e-5)
+
+
 def test_dropout_from_the_config_is_off():
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(TINY)

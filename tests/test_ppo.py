@@ -226,7 +226,7 @@ def test_plan_resolves_every_derived_value_and_leaves_args_alone(untrained_score
     import ppo_lagrangian as ppo
     actor, one, groups = untrained_scorers
     m = ["--actor_model_name_or_path", actor, "--reward_model_name_or_path", one, "--eval_prompt_data", ""]
-    args = ppo.parse_args([str(a) for a in [*m, "--cost_model_name_or_path", groups, "--cost_categories",
+    args = ppo.parse_args([str(a) for a in [*m, "--cost_model_name_or_path", groups, "--constrain_groups",
                            "cheating,violence", "--threshold=1,-2", "--rollout_batch_size", 16, "--adv_estimator",
                            "rloo", "--samples_per_prompt", 2, "--per_device_train_batch_size", 8, "--output_dir",
                            tmp_path / "a"]])
