@@ -18,6 +18,7 @@ import argparse
 import gzip
 import json
 import os
+import sys
 import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,10 @@ def write_helpful(path, out_dir, pku_prompts):
     rows = [json.loads(line) for line in gzip.open(path, "rt")]
     same = sum(r["chosen"] == r["rejected"] for r in rows)
     rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    sys.path.insert(0, ROOT)
+    import common  # the rule every stage applies to an HH dialogue pair: one dialogue, differing in its last turn
+    bad = sum(common.from_chosen_rejected(r)[0] is None for r in rows)
+    rows = [r for r in rows if common.from_chosen_rejected(r)[0] is not None]
     for name in ("train", "test"):
         part = [r for r in rows if (zlib.crc32(first_turn(r["chosen"]).encode()) % 10 == 0) == (name == "test")]
         with open(os.path.join(out_dir, f"reward_{name}.jsonl"), "w") as f:
@@ -78,7 +83,7 @@ def write_helpful(path, out_dir, pku_prompts):
             with open(os.path.join(out_dir, "prompts_hh_test.jsonl"), "w") as f:
                 f.writelines(json.dumps({"prompt": p}) + "\n" for p in hh)
         print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
-              + (f" ({same} rows with chosen == rejected skipped)" if name == "train" else ""))
+              + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else ""))
 
 
 if __name__ == "__main__":

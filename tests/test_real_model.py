@@ -25,7 +25,7 @@ def smollm2():
 
 def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
     """scripts/prepare_real_data.py: the cost pairs split by prompt, the HH-helpful reward pairs by first Human turn
-    (2,354 rows less the 2 with chosen == rejected), and the RL prompt mix = that split's PKU prompts + its single-turn
+    (2,354 rows less the 2 with chosen == rejected and those that are not one dialogue), and the RL prompt mix = that split's PKU prompts + its single-turn
     HH questions, tagged by source; no held-out prompt appears in any training file."""
     import gzip
     subprocess.run([sys.executable, "scripts/prepare_real_data.py", "--output_dir", tmp_path], cwd=ROOT, check=True,
@@ -35,8 +35,10 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
     cost = {n: rd(f"cost_{n}") for n in ("train", "test")}
     reward = {n: rd(f"reward_{n}") for n in ("train", "test")}
     mix = {n: rd(f"prompts_mix_{n}") for n in ("train", "test")}
-    assert len(cost["train"]) + len(cost["test"]) == 5135 and len(reward["train"]) + len(reward["test"]) == 2352
     src = [json.loads(l) for l in gzip.open(os.path.join(REAL, "hh-rlhf_helpful-base_test.jsonl.gz"), "rt")]
+    valid = [r for r in src if r["chosen"] != r["rejected"] and common.from_chosen_rejected(r)[0] is not None]
+    assert len(cost["train"]) + len(cost["test"]) == 5135 and len(reward["train"]) + len(reward["test"]) == len(valid)
+    assert 2300 < len(valid) <= 2352  # 2,354 rows less the 2 with chosen == rejected and the few not one dialogue
     assert reward["train"][0] == next(r for r in src if first(r["chosen"]) == first(reward["train"][0]["chosen"]))
     assert not {r["prompt"] for r in cost["train"]} & {r["prompt"] for r in cost["test"]}
     assert not {first(r["chosen"]) for r in reward["train"]} & {first(r["chosen"]) for r in reward["test"]}
