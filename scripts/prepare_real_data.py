@@ -69,8 +69,8 @@ def write_helpful(path, out_dir, pku_prompts):
     rows = [r for r in rows if r["chosen"] != r["rejected"]]
     sys.path.insert(0, ROOT)
     import common  # the rule every stage applies to an HH dialogue pair: one dialogue, differing in its last turn
-    bad = sum(common.from_chosen_rejected(r)[0] is None for r in rows)
-    rows = [r for r in rows if common.from_chosen_rejected(r)[0] is not None]
+    valid = [r for r in rows if common.from_chosen_rejected(r)[0] is not None]
+    bad, rows = len(rows) - len(valid), valid
     for name in ("train", "test"):
         part = [r for r in rows if (zlib.crc32(first_turn(r["chosen"]).encode()) % 10 == 0) == (name == "test")]
         with open(os.path.join(out_dir, f"reward_{name}.jsonl"), "w") as f:

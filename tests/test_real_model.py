@@ -31,7 +31,8 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
     subprocess.run([sys.executable, "scripts/prepare_real_data.py", "--output_dir", tmp_path], cwd=ROOT, check=True,
                    timeout=300)
     rd = lambda name: [json.loads(l) for l in open(tmp_path / f"{name}.jsonl")]  # noqa: E731
-    first = lambda d: d.split("\n\nAssistant:")[0].removeprefix("\n\nHuman:").strip()  # noqa: E731
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from prepare_real_data import first_turn as first
     cost = {n: rd(f"cost_{n}") for n in ("train", "test")}
     reward = {n: rd(f"reward_{n}") for n in ("train", "test")}
     mix = {n: rd(f"prompts_mix_{n}") for n in ("train", "test")}
