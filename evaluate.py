@@ -46,6 +46,7 @@ class Args:
     model_name_or_path: str = "output/cost"  # the score model to evaluate
     objective: Literal["", "reward", "cost"] = ""  # '' = read score_objective from the model's config
     eval_data: str = "data/tiny-safety/preference_test.jsonl"  # preference rows (PKU-SafeRLHF schema, or chosen/rejected for a reward model)
+    skip_invalid_rows: bool = False  # skip bad rows (e.g. HH-RLHF's empty answers) with a counted warning instead of stopping, as train_preference.py does
     # --- arena
     policies: str = "sft=output/sft,ppo=output/ppo,ppo_lag=output/ppo_lag"  # name=path, comma-separated
     reward_model_name_or_path: str = "output/reward"  # reward model scoring the arena's answers
@@ -155,7 +156,7 @@ def score_objective(path):
 def task_preference(args, rank, world, device):
     common._check_model_path(args.model_name_or_path)
     objective = args.objective or score_objective(args.model_name_or_path)
-    rows = common.load_rows(args.eval_data, objective, flag="--eval_data")  # a reward model also reads chosen/rejected
+    rows = common.load_rows(args.eval_data, objective, args.skip_invalid_rows, "--eval_data")  # a reward model also reads chosen/rejected
     tok = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     model = load_scorer(args.model_name_or_path, tok, args, device)
     hi_key = "better_response_id" if objective == "reward" else "safer_response_id"

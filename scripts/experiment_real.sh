@@ -75,7 +75,7 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
 ( for kind in cost reward; do
     [ -f "$OUT/scores_$kind/preference.json" ] || OMP_NUM_THREADS=1 python evaluate.py --task preference \
       --model_name_or_path "$OUT/$kind" --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" \
-      --max_length 384 --batch_size 8 $C > "$OUT/scores_$kind.log" 2>&1 || exit 1
+      --max_length 384 --batch_size 8 --skip_invalid_rows $C > "$OUT/scores_$kind.log" 2>&1 || exit 1
   done ) &
 OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run
+from conftest import ROOT, run
 from evaluate import bootstrap_ci
 
 
@@ -47,6 +47,21 @@ def test_preference_task_matches_training_eval(score_models, tmp_path):
     assert res["sign_accuracy"][0] == pytest.approx(trained["eval/sign_accuracy"], abs=1e-6)
     assert res["accuracy"][0] == pytest.approx(trained["eval/accuracy"], abs=1e-6)
     assert (tmp_path / "score_histogram.png").exists() and (tmp_path / "scores.jsonl").exists()
+    # a held-out file with one bad row (HH-RLHF has empty answers): one line naming file and row, or skipped and
+    # counted under --skip_invalid_rows, the accuracy over the good rows unchanged
+    good = open(os.path.join(ROOT, "data", "tiny-safety", "preference_test.jsonl")).read().splitlines()
+    bad = json.loads(good[0]) | {"response_1": ""}
+    f = tmp_path / "with_bad_row.jsonl"
+    f.write_text("\n".join(good[:3] + [json.dumps(bad)] + good[3:]) + "\n")
+    p = run("evaluate.py", "--task", "preference", "--model_name_or_path", cm, "--eval_data", f,
+            "--output_dir", tmp_path / "bad", check=False)
+    assert p.returncode != 0 and "row 4: field 'response_1' is empty" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "bad").exists()
+    p = run("evaluate.py", "--task", "preference", "--model_name_or_path", cm, "--eval_data", f,
+            "--output_dir", tmp_path / "skip", "--skip_invalid_rows")
+    skipped = json.load(open(tmp_path / "skip" / "preference.json"))
+    assert "skipped 1 invalid rows" in p.stdout + p.stderr and skipped["n_pairs"] == res["n_pairs"] == len(good)
+    assert skipped["accuracy"] == res["accuracy"] and skipped["sign_accuracy"] == res["sign_accuracy"]
 
 
 def test_pipeline_script_end_to_end_shortened(tmp_path):
