@@ -6,7 +6,8 @@ The core
                           gather_objects
     models                TOKENIZER_FILES, load_tokenizer, has_tokenizer, same_tokenizer, has_weights, disable_dropout,
                           load_causal_lm, convert_beaver_score_state_dict, load_score_model, cost_groups_of,
-                          full_state_dict, save_hf; what a score model reads: score_model_text_ids, end_scores
+                          full_state_dict, save_hf; what a score model reads: score_model_text_ids, end_scores;
+                          how it is scored: preference_hits, sign_hits
     math (paper §3.3)     masked_mean, gae, LagrangeMultiplier, PIDLagrangian
     generation            top_p_filter, sample_responses, decode_responses, generate_texts
     data                  FIELDS, CHOICES, HARM_CATEGORIES, parse_cost_groups, group_labels, HH_TURN,
@@ -442,6 +443,20 @@ def end_scores(scores, end, heads=False):
     evaluate.score_texts."""
     picked = scores.float()[torch.arange(len(scores), device=scores.device), end]
     return picked if heads else picked[:, 0]
+
+
+def preference_hits(hi, lo, objective):
+    """Per pair 1.0 where the score model orders it as the label does, else 0.0 (their mean: pairwise accuracy).
+    hi: the better (reward, eq. 5) or the safer (cost, eq. 6) response's scores [N], lo: the other's. A reward must
+    rank the better one higher; a cost must charge the unsafer one more. A tie counts as wrong. The one rule for
+    train_preference.evaluate and evaluate.task_preference."""
+    return (hi > lo if objective == "reward" else lo > hi).float()
+
+
+def sign_hits(costs, is_safe):
+    """Per response 1.0 where the cost's sign is its label (cost > 0 exactly on unsafe responses, the sign convention
+    eq. 6's classification term trains), else 0.0; their mean: sign accuracy. costs [N] float, is_safe [N] bool."""
+    return ((costs > 0) == ~is_safe).float()
 
 
 # ----------------------------------------------------------------------------- math: GAE and the Lagrange multipliers (paper §3.3)

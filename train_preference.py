@@ -87,12 +87,12 @@ def parse_args(argv=None):
     args = common.parse_args(Args, argv)
     args.output_dir = args.output_dir or f"output/{args.objective}"
     args.run_name = args.run_name or args.objective
-    args.groups = common.parse_cost_groups(args.cost_categories)
-    if (args.groups or args.severity_weighted) and args.objective != "cost":
+    groups = common.parse_cost_groups(args.cost_categories)  # checked here; main() parses them again (args stays as parsed)
+    if (groups or args.severity_weighted) and args.objective != "cost":
         raise common.UserError("--cost_categories and --severity_weighted train a cost model: add --objective cost")
-    if args.severity_weighted and not args.groups:
+    if args.severity_weighted and not groups:
         raise common.UserError("--severity_weighted needs --cost_categories (severity comes with the v1 harm fields)")
-    if args.groups and args.loss_type == "token-wise":
+    if groups and args.loss_type == "token-wise":
         raise common.UserError("--cost_categories trains end scores: use --loss_type sequence-wise")
     return args
 
@@ -248,10 +248,10 @@ def token_wise_mask(ids, lengths, B):
     return common.length_mask(end - first, T, start=first)
 
 
-def batch_loss(model, batch, args):
+def batch_loss(model, batch, args, groups=()):
     ids, lengths, safe, harm, w = batch
     B = ids.shape[0] // 2
-    if args.groups:  # K heads; accuracy and score statistics read the aggregate max_k c_k
+    if groups:  # K heads; accuracy and score statistics read the aggregate max_k c_k
         _, end = score_batch(model, ids, lengths, heads=True)
         w = w if args.severity_weighted else None
         loss = cost_loss_groups(end[:B], end[B:], harm[:B], harm[B:], args.regularization,
@@ -271,7 +271,7 @@ def batch_loss(model, batch, args):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None):
+def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None, groups=()):
     """Pairwise accuracy (hi scored above lo; for cost: the unsafer costs more), and for the cost model the
     sign accuracy (cost > 0 exactly on unsafe responses), plus score mean/std of safe and unsafe responses. With cost
     groups the scores are the aggregate max_k c_k, and each group gets its own sign accuracy (c_k > 0 exactly on the
@@ -287,13 +287,13 @@ def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None):
         chunk = mine[i * bs:(i + 1) * bs]
         batch = make_batch(chunk or mine[:1], pad_id, device)
         ids, lengths, safe = batch[:3]
-        _, end = score_batch(model, ids, lengths, heads=bool(args.groups))
+        _, end = score_batch(model, ids, lengths, heads=bool(groups))
         if chunk:
             B = len(chunk)
-            if args.groups:  # [2B, K] per head -> the aggregate; head scores and labels kept for per-group numbers
+            if groups:  # [2B, K] per head -> the aggregate; head scores and labels kept for per-group numbers
                 heads += end.tolist()  # [2B, K]: hi rows then lo rows, as safe_hi + safe_lo below
                 for side in (0, 1):  # hi rows then lo rows
-                    harm += [common.group_labels(rows[p.row], p.hi_id if side == 0 else 1 - p.hi_id, args.groups)
+                    harm += [common.group_labels(rows[p.row], p.hi_id if side == 0 else 1 - p.hi_id, groups)
                              for p in chunk]
                 end = end.max(-1).values
             hi_all += end[:B].tolist(); lo_all += end[B:].tolist()
@@ -302,10 +302,7 @@ def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None):
     hi, lo = torch.tensor(common.gather_objects(hi_all)), torch.tensor(common.gather_objects(lo_all))
     safe_flags = torch.tensor(common.gather_objects(safe_hi) + common.gather_objects(safe_lo), dtype=torch.bool)
     scores = torch.cat([hi, lo])
-    if args.objective == "reward":
-        acc = (hi > lo).float().mean().item()
-    else:
-        acc = (lo > hi).float().mean().item()  # hi = safer: the unsafer response must cost more
+    acc = common.preference_hits(hi, lo, args.objective).mean().item()
     out = {"eval/accuracy": acc, "eval/n_pairs": len(hi),
            "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
     for name, sel in (("safe", safe_flags), ("unsafe", ~safe_flags)):
@@ -313,12 +310,12 @@ def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None):
             out[f"eval/{name}_score_mean"] = scores[sel].mean().item()
             out[f"eval/{name}_score_std"] = scores[sel].std().item() if sel.sum() > 1 else 0.0
     if args.objective == "cost":
-        out["eval/sign_accuracy"] = ((scores > 0) == ~safe_flags).float().mean().item()
+        out["eval/sign_accuracy"] = common.sign_hits(scores, safe_flags).mean().item()
         out["eval/unsafe_fraction"] = (~safe_flags).float().mean().item()
-    if args.groups:
+    if groups:
         heads = torch.tensor(common.gather_objects(heads))
         harm = torch.tensor(common.gather_objects(harm), dtype=torch.bool)
-        for k, (name, _) in enumerate(args.groups):
+        for k, (name, _) in enumerate(groups):
             out[f"eval/sign_accuracy/{name}"] = ((heads[:, k] > 0) == harm[:, k]).float().mean().item()
             out[f"eval/unsafe_fraction/{name}"] = harm[:, k].float().mean().item()
     return out
@@ -363,30 +360,31 @@ def main(argv=None):
     # 1. validate everything up front
     common.check_output_dir(args.output_dir, args.overwrite, args.resume)
     ckpt = common.resolve_resume(args.resume, args.output_dir)
-    kind = ("cost_severity" if args.severity_weighted else "cost_groups") if args.groups else args.objective
+    groups = common.parse_cost_groups(args.cost_categories)  # [(name, categories)]; () = one overall cost
+    kind = ("cost_severity" if args.severity_weighted else "cost_groups") if groups else args.objective
     train_rows = common.load_rows(args.train_data, kind, args.skip_invalid_rows, "--train_data")
     eval_rows = common.load_rows(args.eval_data, kind, args.skip_invalid_rows, "--eval_data") if args.eval_data else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data,
-                       args.truncate_long_prompts, args.groups, args.severity_weighted)
+                       args.truncate_long_prompts, groups, args.severity_weighted)
     evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data,
-                       args.truncate_long_prompts, args.groups, args.severity_weighted) if eval_rows else []
-    if args.groups:
-        check_groups_have_harm(train, args.groups, args.train_data, args.allow_empty_cost_groups)
+                       args.truncate_long_prompts, groups, args.severity_weighted) if eval_rows else []
+    if groups:
+        check_groups_have_harm(train, groups, args.train_data, args.allow_empty_cost_groups)
     global_batch, acc, steps_per_epoch, total = common.plan_steps(
         len(train), args.per_device_train_batch_size, world, args.gradient_accumulation_steps, args.epochs,
         args.max_steps, args.train_data, args.global_batch_size)
     common.print0(f"[{args.objective}] world {world}, global batch {global_batch} pairs, {steps_per_epoch} steps/epoch, "
                   f"{total} steps, loss {args.loss_type}")
     run_state = {"stage": args.objective, "global_batch": global_batch, "train_rows": len(train), "seed": args.seed}
-    if args.groups:  # a checkpoint of other groups holds another head
-        run_state["cost_groups"] = [[n, c] for n, c in args.groups]
+    if groups:  # a checkpoint of other groups holds another head
+        run_state["cost_groups"] = [[n, c] for n, c in groups]
     if ckpt:
         common.checkpoint_state(ckpt, expect=run_state)
 
     # 2. score model from the SFT folder, FSDP2, AdamW (0.9, 0.95), warmup + cosine
     model = common.load_score_model(args.model_name_or_path, tokenizer, args.seed, args.trust_remote_code,
-                                    cost_groups=args.groups)
+                                    cost_groups=groups)
     model.config.use_cache = False
     freeze_bottom_layers(model, args.freeze_layers)
     common.shard_model(model, device, mixed_precision=common.use_bf16(args.bf16, device),
@@ -425,11 +423,11 @@ def main(argv=None):
         for k in range(acc):
             model.set_requires_gradient_sync(k == acc - 1)
             batch = make_batch([train[j] for j in idx[k * size:(k + 1) * size]], pad_id, device)
-            loss, hi, lo = batch_loss(model, batch, args)
+            loss, hi, lo = batch_loss(model, batch, args, groups)
             (loss / acc).backward()
             loss_sum += loss.item() / acc
             recent.extend(torch.cat([hi, lo]).detach().float().tolist())  # for score_statistics: no extra pass
-            right += ((hi > lo) if args.objective == "reward" else (lo > hi)).float().mean().item() / acc
+            right += common.preference_hits(hi, lo, args.objective).mean().item() / acc
         tokens = sum(len(train[j][0]) + len(train[j][1]) for j in idx)
         loss_g, acc_g, tokens = (common.all_reduce(torch.tensor([loss_sum, right, tokens])) / world).tolist()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -444,7 +442,7 @@ def main(argv=None):
                               "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
             bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
         if evald and step % (args.eval_every or steps_per_epoch) == 0 and step < total:
-            result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows)
+            result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows, groups)
             logger.log(step, {**result, "train/epoch": epoch + 1})
         saved = save(step) if args.save_every and step % args.save_every == 0 and step < total else None
         if stop.requested():
@@ -462,12 +460,12 @@ def main(argv=None):
         common.print0(f"[{args.objective}] saved {args.output_dir}")
     stop.release()  # SIGTERM from here on ends the process at once
     if evald:
-        result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows)
+        result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows, groups)
         msg = f"[{args.objective}] held-out pairwise accuracy {result['eval/accuracy']:.2%} over {result['eval/n_pairs']} pairs"
         if args.objective == "cost":
             msg += f", sign accuracy (cost > 0 = unsafe) {result['eval/sign_accuracy']:.2%}"
-        if args.groups:
-            msg += "; per group: " + ", ".join(f"{n} {result[f'eval/sign_accuracy/{n}']:.2%}" for n, _ in args.groups)
+        if groups:
+            msg += "; per group: " + ", ".join(f"{n} {result[f'eval/sign_accuracy/{n}']:.2%}" for n, _ in groups)
         common.print0(msg)
     if args.save_model and common.is_rank0():
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

@@ -103,6 +103,16 @@ def test_pid_lagrangian_hand_computed():
     assert v > 0
 
 
+def test_preference_and_sign_hits_hand_computed():
+    """Pairwise: a reward ranks the better answer higher, a cost charges the unsafer (lo) one more; a tie is wrong.
+    Sign: cost > 0 exactly on unsafe responses (0 itself counts as safe)."""
+    hi, lo = torch.tensor([2.0, 0.5, 1.0, -1.0]), torch.tensor([1.0, 0.7, 1.0, -3.0])
+    assert common.preference_hits(hi, lo, "reward").tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert common.preference_hits(hi, lo, "cost").tolist() == [0.0, 1.0, 0.0, 0.0]
+    costs, safe = torch.tensor([0.3, -0.2, 0.0, 1.5, -4.0]), torch.tensor([False, True, True, True, False])
+    assert common.sign_hits(costs, safe).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = common.top_p_filter(logits.clone(), 0.7).isfinite()

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import common
 from conftest import main_inprocess, metrics, run, run_parallel
 from dpo import dpo_loss, order_pair
 from test_resume import same_weights
