@@ -629,16 +629,17 @@ def decode_responses(tokenizer, responses, lengths, has_eos, n=None):
 
 
 def generate_texts(model, tokenizer, prompts, device, max_new_tokens=32, batch_size=32, greedy=True,
-                   temperature=1.0, top_p=1.0, seed=0, chat_template=False, return_tokens=False):
+                   temperature=1.0, top_p=1.0, seed=0, chat_template=False, return_tokens=False, desc=None):
     """Answer a list of prompts (this rank's share) with an FSDP model, unsharded once per call. -> texts, or with
-    return_tokens (texts, [(prompt ids, response ids as generated, ending in EOS only if one was emitted)])."""
+    return_tokens (texts, [(prompt ids, response ids as generated, ending in EOS only if one was emitted)]).
+    desc: a progress bar over the batches on rank 0 (an evaluation of many prompts is a long loop)."""
     out, tokens = [], []
     gen = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     n = len(prompts)
     nb = all_reduce(math.ceil(n / batch_size), "max") if dist.is_initialized() else math.ceil(n / batch_size)
     with gathered_for_generation(model):
-        for b in range(int(nb)):
+        for b in progress(range(int(nb)), desc=desc, leave=False) if desc else range(int(nb)):
             chunk = prompts[b * batch_size:(b + 1) * batch_size] or prompts[:1]  # keep lock-step on short ranks
             real = len(prompts[b * batch_size:(b + 1) * batch_size])
             pids = [tokenize_prompt(tokenizer, p, chat_template) for p in chunk]
@@ -996,7 +997,9 @@ def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
 
 
 def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0, kind="cosine"):
-    """Linear warmup then cosine decay to min_ratio × lr (kind "constant": the full lr after the warmup)."""
+    """Linear warmup then cosine decay to min_ratio × lr (kind "constant": the full lr after the warmup). Not
+    transformers' get_cosine_schedule_with_warmup: its warmup factor is step / warmup, so the first optimiser step
+    runs at lr 0 (here (step + 1) / warmup); switching would waste a step and change every measured number."""
     def f(step):
         if step < warmup_steps:
             return (step + 1) / warmup_steps

@@ -46,6 +46,8 @@ class Args:
     model_name_or_path: str = "output/cost"  # the score model to evaluate
     objective: Literal["", "reward", "cost"] = ""  # '' = read score_objective from the model's config
     eval_data: str = "data/tiny-safety/preference_test.jsonl"  # preference rows (PKU-SafeRLHF schema, or chosen/rejected for a reward model)
+    cut_response_tokens: int = 0  # score each whole answer cut to its first N response tokens, as RL with --max_new_tokens N reads it (0: whole answers)
+    cut_appends_eos: bool = False  # with --cut_response_tokens: end each cut answer with EOS, as if it had ended there
     skip_invalid_rows: bool = False  # skip bad rows (e.g. HH-RLHF's empty answers) with a counted warning instead of stopping, as train_preference.py does
     # --- arena
     policies: str = "sft=output/sft,ppo=output/ppo,ppo_lag=output/ppo_lag"  # name=path, comma-separated
@@ -80,7 +82,9 @@ def parse_args(argv=None):
 
 
 def bootstrap_ci(values, n=1000, seed=0):
-    """95% percentile bootstrap CI of the mean of `values` -> (mean, low, high)."""
+    """95% percentile bootstrap CI of the mean of `values` -> (mean, low, high). Python's seeded random, not numpy:
+    a numpy resampler is faster but draws other resamples, so every CI in the README would move; at n = 1000
+    resamples of a few hundred values it takes a fraction of a second per CI."""
     if not values:
         return float("nan"), float("nan"), float("nan")
     rng = random.Random(seed)
@@ -102,7 +106,19 @@ def answer_ids(tokenizer, prompt, text, generated, policy_tokenizer, args, same_
         return (prompt_ids + response_ids)[:args.max_length]
     ended = generated is None or bool(generated[1] and generated[1][-1] == policy_tokenizer.eos_token_id)
     p_ids, r_ids = common.score_model_text_ids(tokenizer, prompt, text, ended, args.max_length, args.chat_template)
+    if generated is None and args.cut_response_tokens:
+        r_ids = cut_response(r_ids, args.cut_response_tokens, tokenizer.eos_token_id, args.cut_appends_eos)
     return p_ids + r_ids
+
+
+def cut_response(r_ids, n, eos_id, append_eos=False):
+    """A whole answer (its ids end in EOS) as a policy limited to n new tokens produces it: unchanged when it ends
+    within n tokens, else its first n tokens, without EOS (what PPO with --max_new_tokens n scores) or, append_eos, with
+    one (the cut answer scored as if it had ended). Measures how much of a score model's held-out accuracy survives the
+    rollout length (README "Safe RLHF on SmolLM2": 73.4% -> 67.2% pairwise at 64 tokens, 75.0% with the EOS)."""
+    if len(r_ids) <= n or (len(r_ids) == n + 1 and r_ids[-1] == eos_id):
+        return r_ids
+    return r_ids[:n] + ([eos_id] if append_eos else [])
 
 
 @torch.no_grad()
@@ -117,7 +133,7 @@ def score_texts(model, tokenizer, prompts, responses, args, device, generated=No
             for i, (p, r) in enumerate(zip(prompts, responses))]
     out = []
     n = int(common.all_reduce(math.ceil(len(seqs) / args.batch_size), "max"))
-    for i in range(n):
+    for i in common.progress(range(n), desc="scoring", leave=False):  # a long loop on a real model (rank 0's bar)
         chunk = seqs[i * args.batch_size:(i + 1) * args.batch_size]
         ids, lengths = common.pad(chunk or seqs[:1], tokenizer.pad_token_id)
         end = common.end_scores(model(input_ids=ids.to(device)).logits, lengths.to(device) - 1, heads)
@@ -254,7 +270,8 @@ def task_arena(args, rank, world, device):
         # same seed for every policy: the same sampling noise, so differences come from the policies
         answers[name], generated[name] = common.generate_texts(
             model, tok, mine, device, args.max_new_tokens, args.batch_size, greedy=False, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template, return_tokens=True)
+            top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template, return_tokens=True,
+            desc=f"arena: {name}")
         del model
     scores = {}
     model_groups = common.cost_groups_of(args.cost_model_name_or_path, args.trust_remote_code)
@@ -473,7 +490,7 @@ def task_xstest(args, rank, world, device):
         answers[name], generated[name] = common.generate_texts(
             model, tok, prompts, device, args.max_new_tokens, args.batch_size, greedy=args.xstest_greedy,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template,
-            return_tokens=True)
+            return_tokens=True, desc=f"xstest: {name}")
         del model
     costs = {}
     if cost_path:

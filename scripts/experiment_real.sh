@@ -73,9 +73,12 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
 # 3-4. side by side, one thread each: held-out accuracy with CIs (-> the threshold d) and the safety-SFT baseline
 #      row (SFT on the PKU safe answers; not the starting policy). Logs: $OUT/scores_*.log, $OUT/safety_sft.log
 ( for kind in cost reward; do
-    [ -f "$OUT/scores_$kind/preference.json" ] || OMP_NUM_THREADS=1 python evaluate.py --task preference \
+    [ -f "$OUT/scores_$kind/preference.json" ] && continue
+    t0=$SECONDS
+    OMP_NUM_THREADS=1 python evaluate.py --task preference \
       --model_name_or_path "$OUT/$kind" --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" \
       --max_length 384 --batch_size 8 --skip_invalid_rows $C > "$OUT/scores_$kind.log" 2>&1 || exit 1
+    printf 'scores_%s\t%s\n' "$kind" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
   done ) &
 OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \

@@ -78,3 +78,48 @@ def test_pipeline_script_end_to_end_shortened(tmp_path):
     times = dict(l.split("\t") for l in open(tmp_path / "out" / "wall_times.tsv").read().splitlines())
     assert set(times) == {"sft", "reward", "cost", "ppo", "ppo_lag", "dpo", "safedpo", "arena"}
     assert json.load(open(tmp_path / "out" / "eval" / "arena.json"))["samples"] == 56
+
+
+def test_cut_response_hand_computed():
+    """An answer ending within n tokens is unchanged; a longer one keeps its first n tokens, without EOS (as PPO with
+    --max_new_tokens n scores it) or with one appended."""
+    from evaluate import cut_response
+    assert cut_response([1, 2, 9], 4, 9) == [1, 2, 9]
+    assert cut_response([1, 2, 3, 4, 9], 4, 9) == [1, 2, 3, 4, 9]  # 4 tokens, then its EOS: it ended in time
+    assert cut_response([1, 2, 3, 4, 5, 9], 4, 9) == [1, 2, 3, 4]
+    assert cut_response([1, 2, 3, 4, 5, 9], 4, 9, append_eos=True) == [1, 2, 3, 4, 9]
+    assert cut_response([1, 2, 3, 4, 5], 4, 9) == [1, 2, 3, 4]  # already cut by --max_length: no EOS to keep
+
+
+def test_preference_on_answers_cut_to_the_rollout_length(tmp_path):
+    """--cut_response_tokens scores each held-out answer as a policy with that many new tokens would have produced it:
+    a cut longer than every answer changes nothing; a short cut changes the scores of long answers only, and
+    --cut_appends_eos changes them again (the EOS position is what a score model was trained to read)."""
+    from conftest import TINY
+    import common
+    cm = tmp_path / "cm"
+    run("train_preference.py", "--objective", "cost", "--model_name_or_path", TINY, "--output_dir", cm,
+        "--max_steps", 2, "--eval_data", "")
+    rows = open(os.path.join(ROOT, "data", "tiny-safety", "preference_test.jsonl")).read().splitlines()[:24]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+
+    def scores(name, *extra):
+        run("evaluate.py", "--task", "preference", "--model_name_or_path", cm, "--eval_data", data,
+            "--output_dir", tmp_path / name, "--bootstrap", 50, *extra)
+        return [(json.loads(l)["score_0"], json.loads(l)["score_1"]) for l in open(tmp_path / name / "scores.jsonl")]
+    whole, long_cut = scores("whole"), scores("long", "--cut_response_tokens", 1000)
+    cut, cut_eos = scores("cut", "--cut_response_tokens", 3), scores("cut_eos", "--cut_response_tokens", 3,
+                                                                     "--cut_appends_eos")
+    assert long_cut == whole
+    tok = common.load_tokenizer(str(cm))
+    n_long = 0
+    for r, w, c, e in zip(map(json.loads, rows), whole, cut, cut_eos):
+        for i in (0, 1):
+            n = len(common.score_model_text_ids(tok, r["prompt"], r[f"response_{i}"], True, 128)[1])  # with EOS
+            if n <= 4:  # ends within 3 tokens: scored as it is
+                assert c[i] == pytest.approx(w[i], abs=1e-5) and e[i] == pytest.approx(w[i], abs=1e-5)
+            else:  # other batch shapes may move the last float bits: a real change is far above 1e-5
+                n_long += 1
+                assert abs(c[i] - w[i]) > 1e-4 and abs(e[i] - c[i]) > 1e-4
+    assert n_long > 10

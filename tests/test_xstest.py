@@ -71,7 +71,8 @@ def test_xstest_two_ranks_equal_one_rank(tmp_path):
     prompts = write_prompts(tmp_path / "x.csv")
     args = ["--task", "xstest", "--policies", f"a={TINY}", "--xstest_data", prompts, "--cost_model_name_or_path", "",
             "--max_new_tokens", 6, "--batch_size", 2, "--bootstrap", 100]
-    run("evaluate.py", *args, "--output_dir", tmp_path / "one")
+    p = run("evaluate.py", *args, "--output_dir", tmp_path / "one")
+    assert "xstest: a" in p.stderr and "scoring" not in p.stderr  # a bar per policy's generation (no cost model here)
     run("evaluate.py", *args, "--output_dir", tmp_path / "two", nproc=2)
     one, two = (json.load(open(tmp_path / d / "xstest.json")) for d in ("one", "two"))
     assert one["policies"] == two["policies"] and one["per_type"] == two["per_type"]
