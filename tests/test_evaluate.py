@@ -95,7 +95,7 @@ def test_preference_on_answers_cut_to_the_rollout_length(tmp_path):
     """--cut_response_tokens scores each held-out answer as a policy with that many new tokens would have produced it:
     a cut longer than every answer changes nothing; a short cut changes the scores of long answers only, and
     --cut_appends_eos changes them again (the EOS position is what a score model was trained to read)."""
-    from conftest import TINY
+    from conftest import TINY, main_inprocess
     import common
     cm = tmp_path / "cm"
     run("train_preference.py", "--objective", "cost", "--model_name_or_path", TINY, "--output_dir", cm,
@@ -104,9 +104,10 @@ def test_preference_on_answers_cut_to_the_rollout_length(tmp_path):
     data = tmp_path / "eval.jsonl"
     data.write_text("\n".join(rows) + "\n")
 
-    def scores(name, *extra):
-        run("evaluate.py", "--task", "preference", "--model_name_or_path", cm, "--eval_data", data,
-            "--output_dir", tmp_path / name, "--bootstrap", 50, *extra)
+    def scores(name, *extra):  # in this process: four evaluations without four interpreter starts
+        code, _, err = main_inprocess("evaluate.py", "--task", "preference", "--model_name_or_path", cm, "--eval_data",
+                                      data, "--output_dir", tmp_path / name, "--bootstrap", 50, *extra)
+        assert code in (0, None), err
         return [(json.loads(l)["score_0"], json.loads(l)["score_1"]) for l in open(tmp_path / name / "scores.jsonl")]
     whole, long_cut = scores("whole"), scores("long", "--cut_response_tokens", 1000)
     cut, cut_eos = scores("cut", "--cut_response_tokens", 3), scores("cut_eos", "--cut_response_tokens", 3,
