@@ -73,6 +73,7 @@ class Args:
     temperature: float = 1.0  # sampling temperature (also divides every log-prob's logits)
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
     missing_eos_penalty: Optional[float] = None  # replace R of a response with no EOS by this value (None: keep)
+    score_cut_as_ended: bool = False  # the reward and cost models read a response cut at --max_new_tokens with an EOS appended, as if it had ended (off: as cut)
     # --- batch vocabulary: rollout batch -> ppo_epochs -> minibatches (one optimiser step) -> micro-batches
     per_device_prompt_batch_size: int = 32  # prompts per rank per rollout
     rollout_batch_size: int = 0  # prompts per rollout over all ranks; if set, per-device = this / world size
@@ -653,18 +654,24 @@ def rollout(actor, prompts, tokenizer, args, device, generator, greedy=False):
     return Rollout(seq, attn, pos, rmask, rlens, has_eos, ids.shape[1], resp, [p[0] for p in prompts])
 
 
-def score_inputs(batch, tokenizer, score_tokenizer, chat_template):
+def score_inputs(batch, tokenizer, score_tokenizer, chat_template, cut_as_ended=False):
     """What a score model reads -> (ids, attention mask, positions, P, response lengths). With the actor's tokenizer
     (score_tokenizer None): the rollout's own ids. With another tokenizer (a reward or cost model of another model
     family): a text round trip, as safe-rlhf does: each response is decoded and prompt + response are re-tokenised
     with the score model's tokenizer and template. Its EOS is appended only where the actor emitted one, so a
-    cut-off response is scored as cut off. Actor ids are never fed to a model that reads other ids."""
+    cut-off response is scored as cut off; cut_as_ended (--score_cut_as_ended) appends one to every cut response
+    instead, the position a score model was trained to read (README "Safe RLHF on SmolLM2": at 64 tokens the cost
+    model's sign accuracy is 58.4% cut, 64.1% cut with the EOS, 63.9% on whole answers). Actor ids are never fed to
+    a model that reads other ids."""
     if score_tokenizer is None:
+        if cut_as_ended and not bool(batch.has_eos.all()):
+            return with_eos_appended(batch, tokenizer)
         return batch.seq, batch.attn, batch.pos, batch.P, batch.lens
     texts = common.decode_responses(tokenizer, batch.responses, batch.lens, batch.has_eos)
     prompts, responses = [], []
     for p, r, eos in zip(batch.prompt_texts, texts, batch.has_eos.tolist()):
-        p_ids, r_ids = common.score_model_text_ids(score_tokenizer, p, r, eos, chat_template=chat_template)
+        p_ids, r_ids = common.score_model_text_ids(score_tokenizer, p, r, eos or cut_as_ended,
+                                                   chat_template=chat_template)
         prompts.append(p_ids)
         responses.append(r_ids)
     dev = batch.seq.device
@@ -672,6 +679,18 @@ def score_inputs(batch, tokenizer, score_tokenizer, chat_template):
     rids, rlens = common.pad(responses, score_tokenizer.pad_token_id)
     seq, attn, pos, _ = sequence_inputs(pids.to(dev), plens.to(dev), rids.to(dev), rlens.to(dev))
     return seq, attn, pos, pids.shape[1], rlens.to(dev)
+
+
+def with_eos_appended(batch, tokenizer):
+    """The rollout's ids with an EOS after every response that has none (one more column) -> score_inputs' tuple.
+    Responses that ended keep their ids; only what the score models read changes, never the actor's tokens."""
+    cut = ~batch.has_eos
+    resp = torch.cat([batch.responses, batch.responses.new_full((len(cut), 1), tokenizer.pad_token_id)], 1)
+    rows = cut.nonzero().squeeze(1)
+    resp[rows, batch.lens[rows]] = tokenizer.eos_token_id
+    lens = batch.lens + cut.long()
+    seq, attn, pos, _ = sequence_inputs(batch.seq[:, :batch.P], batch.attn[:, :batch.P].sum(1), resp, lens)
+    return seq, attn, pos, batch.P, lens
 
 
 @torch.no_grad()
@@ -689,7 +708,7 @@ def score_rollout(batch, models, args, tokenizers, cost_heads=None, with_values=
     for name in ("reward", "cost"):
         if models.get(name) is not None:
             s_seq, s_attn, s_pos, s_P, s_lens = score_inputs(batch, tokenizers["actor"], tokenizers.get(name),
-                                                             args.chat_template)
+                                                             args.chat_template, args.score_cut_as_ended)
             grouped = name == "cost" and cost_heads is not None
             score = end_scores(models[name], s_seq, s_attn, s_pos, s_P, s_lens, heads=grouped)
             if grouped:  # one cost per constrained group [B, K]; the overall cost is the max over *all* the model's

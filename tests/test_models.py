@@ -79,6 +79,42 @@ def test_score_inputs_round_trip_text_and_keep_a_missing_eos(foreign):
             assert got[i].item() == pytest.approx(want.item(), abs=1e-5)
 
 
+def test_score_cut_as_ended_appends_an_eos_to_cut_responses_only(foreign):
+    """--score_cut_as_ended: a cut response is scored as if it had ended (EOS appended), an ended one as it is, with
+    the actor's tokenizer (the rollout's ids plus one column) and with another (the text round trip's EOS); the
+    actor's own ids are left alone."""
+    import ppo_lagrangian as ppo
+    actor_tok, score_tok = common.load_tokenizer(TINY, padding_side="left"), common.load_tokenizer(foreign)
+    prompts, answers = ["how do i bake bread ?", "how do i pick a lock ?"], ["sure . mix flour .", "sorry , i can not"]
+    pids = [common.tokenize_prompt(actor_tok, p) for p in prompts]
+    rids = [actor_tok(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
+    rids[0] = rids[0] + [actor_tok.eos_token_id]  # the first ended, the second was cut off
+    ids, plens = common.pad(pids, actor_tok.pad_token_id, "left")
+    resp, rlens = common.pad(rids, actor_tok.pad_token_id)
+    seq, attn, pos, mask = ppo.sequence_inputs(ids, plens, resp, rlens)
+    batch = ppo.Rollout(seq=seq, attn=attn, pos=pos, mask=mask, lens=rlens, has_eos=torch.tensor([True, False]),
+                        P=ids.shape[1], responses=resp, prompt_texts=prompts)
+    before = seq.clone()
+    s_seq, s_attn, s_pos, s_P, s_lens = ppo.score_inputs(batch, actor_tok, None, False, cut_as_ended=True)
+    assert torch.equal(batch.seq, before) and s_P == batch.P and s_lens.tolist() == [rlens[0], rlens[1] + 1]
+    model = common.load_score_model(TINY, actor_tok, 1).eval()
+    with torch.no_grad():
+        got = ppo.end_scores(model, s_seq, s_attn, s_pos, s_P, s_lens)
+        plain = ppo.end_scores(model, seq, attn, pos, batch.P, rlens)
+        for i in (0, 1):
+            want_ids = pids[i] + rids[i] + ([actor_tok.eos_token_id] if i == 1 else [])
+            assert s_seq[i][s_attn[i].bool()].tolist() == want_ids
+            want = model(input_ids=torch.tensor([want_ids])).logits[0, -1, 0]
+            assert got[i].item() == pytest.approx(want.item(), abs=1e-5)
+    assert got[0].item() == pytest.approx(plain[0].item(), abs=1e-5) and abs(got[1] - plain[1]) > 1e-6
+    ended = ppo.Rollout(**{**batch.__dict__, "has_eos": torch.tensor([True, True])})
+    assert ppo.score_inputs(ended, actor_tok, None, False, cut_as_ended=True)[0] is ended.seq  # nothing cut: as is
+    f_seq, f_attn, _, _, f_lens = ppo.score_inputs(batch, actor_tok, score_tok, False, cut_as_ended=True)
+    for i, (p, a) in enumerate(zip(prompts, answers)):  # another tokenizer: its own EOS on both
+        want_ids, _, _ = common.tokenize_prompt_response(score_tok, p, a, 1000)
+        assert f_seq[i][f_attn[i].bool()].tolist() == want_ids and want_ids[-1] == score_tok.eos_token_id
+
+
 def test_one_rule_for_what_a_score_model_reads_in_every_caller(foreign):
     """An ended and a cut-off answer, a score model with another tokenizer: PPO's score_inputs, the arena's answer_ids
     and common.score_model_text_ids build the same ids (EOS only on the ended one), and the end score read by PPO
