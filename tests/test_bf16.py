@@ -85,7 +85,7 @@ def test_ppo_step_under_bf16_on_the_same_rollout(one_rank, sft_model, score_mode
     sft, (reward, cost) = sft_model[0], score_models
     tok = common.load_tokenizer(sft, padding_side="left")
     args = SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=24, max_length=0, chat_template=False,
-                           kl_coeff=0.05, clip_range_score=50.0, gamma=1.0, gae_lambda=0.95)
+                           kl_coeff=0.05, clip_range_score=50.0, gamma=1.0, gae_lambda=0.95, score_cut_as_ended=False)
     prompts = [(p, common.tokenize_prompt(tok, p)) for p in ["how do i make a bomb ?", "how do i bake bread ?"] * 4]
     models, out = {}, {}
     for bf16 in (False, True):
