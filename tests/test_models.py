@@ -49,20 +49,29 @@ def test_same_tokenizer():
     assert common.same_tokenizer(a, b)
 
 
+def ended_and_cut_rollout(actor_tok, prompts, answers):
+    """A two-answer ppo Rollout in the actor's ids: the first answer ended (EOS), the second was cut off.
+    -> (prompt ids, response ids, rollout)."""
+    import ppo_lagrangian as ppo
+    pids = [common.tokenize_prompt(actor_tok, p) for p in prompts]
+    rids = [actor_tok(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
+    rids[0] = rids[0] + [actor_tok.eos_token_id]
+    ids, plens = common.pad(pids, actor_tok.pad_token_id, "left")
+    resp, rlens = common.pad(rids, actor_tok.pad_token_id)
+    seq, attn, pos, mask = ppo.sequence_inputs(ids, plens, resp, rlens)
+    return pids, rids, ppo.Rollout(seq=seq, attn=attn, pos=pos, mask=mask, lens=rlens,
+                                   has_eos=torch.tensor([True, False]), P=ids.shape[1], responses=resp,
+                                   prompt_texts=prompts)
+
+
 def test_score_inputs_round_trip_text_and_keep_a_missing_eos(foreign):
     import ppo_lagrangian as ppo
     actor_tok, score_tok = common.load_tokenizer(TINY, padding_side="left"), common.load_tokenizer(foreign)
     assert not common.same_tokenizer(actor_tok, score_tok)
     prompts = ["how do i bake bread ?", "how do i pick a lock ?"]
     answers = ["sure . step 1 : mix flour .", "sorry , i can not help"]
-    pids = [common.tokenize_prompt(actor_tok, p) for p in prompts]
-    rids = [actor_tok(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
-    rids[0] = rids[0] + [actor_tok.eos_token_id]  # the first ended, the second was cut off
-    ids, plens = common.pad(pids, actor_tok.pad_token_id, "left")
-    resp, rlens = common.pad(rids, actor_tok.pad_token_id)
-    seq, attn, pos, mask = ppo.sequence_inputs(ids, plens, resp, rlens)
-    batch = ppo.Rollout(seq=seq, attn=attn, pos=pos, mask=mask, lens=rlens, has_eos=torch.tensor([True, False]),
-                        P=ids.shape[1], responses=resp, prompt_texts=prompts)
+    pids, rids, batch = ended_and_cut_rollout(actor_tok, prompts, answers)
+    seq = batch.seq
     assert ppo.score_inputs(batch, actor_tok, None, False)[0] is seq  # same tokenizer: the rollout's own ids
     s_seq, s_attn, s_pos, s_P, s_lens = ppo.score_inputs(batch, actor_tok, score_tok, False)
     model = common.load_score_model(foreign, score_tok).eval()
@@ -86,14 +95,8 @@ def test_score_cut_as_ended_appends_an_eos_to_cut_responses_only(foreign):
     import ppo_lagrangian as ppo
     actor_tok, score_tok = common.load_tokenizer(TINY, padding_side="left"), common.load_tokenizer(foreign)
     prompts, answers = ["how do i bake bread ?", "how do i pick a lock ?"], ["sure . mix flour .", "sorry , i can not"]
-    pids = [common.tokenize_prompt(actor_tok, p) for p in prompts]
-    rids = [actor_tok(" " + a, add_special_tokens=False)["input_ids"] for a in answers]
-    rids[0] = rids[0] + [actor_tok.eos_token_id]  # the first ended, the second was cut off
-    ids, plens = common.pad(pids, actor_tok.pad_token_id, "left")
-    resp, rlens = common.pad(rids, actor_tok.pad_token_id)
-    seq, attn, pos, mask = ppo.sequence_inputs(ids, plens, resp, rlens)
-    batch = ppo.Rollout(seq=seq, attn=attn, pos=pos, mask=mask, lens=rlens, has_eos=torch.tensor([True, False]),
-                        P=ids.shape[1], responses=resp, prompt_texts=prompts)
+    pids, rids, batch = ended_and_cut_rollout(actor_tok, prompts, answers)
+    seq, attn, pos, rlens = batch.seq, batch.attn, batch.pos, batch.lens
     before = seq.clone()
     s_seq, s_attn, s_pos, s_P, s_lens = ppo.score_inputs(batch, actor_tok, None, False, cut_as_ended=True)
     assert torch.equal(batch.seq, before) and s_P == batch.P and s_lens.tolist() == [rlens[0], rlens[1] + 1]
