@@ -48,6 +48,7 @@ class Args:
     eval_data: str = "data/tiny-safety/preference_test.jsonl"  # preference rows (PKU-SafeRLHF schema, or chosen/rejected for a reward model)
     cut_response_tokens: int = 0  # score each whole answer cut to its first N response tokens, as RL with --max_new_tokens N reads it (0: whole answers)
     cut_appends_eos: bool = False  # with --cut_response_tokens: end each cut answer with EOS, as if it had ended there
+    score_cut_as_ended: bool = False  # arena/XSTest: the score models read a generated answer cut at --max_new_tokens with an EOS appended, as ppo_lagrangian.py --score_cut_as_ended does
     skip_invalid_rows: bool = False  # skip bad rows (e.g. HH-RLHF's empty answers) with a counted warning instead of stopping, as train_preference.py does
     # --- arena
     policies: str = "sft=output/sft,ppo=output/ppo,ppo_lag=output/ppo_lag"  # name=path, comma-separated
@@ -98,13 +99,17 @@ def answer_ids(tokenizer, prompt, text, generated, policy_tokenizer, args, same_
     the response tokens exactly as generated (EOS only if the policy emitted one: a cut-off answer is scored as cut
     off, not as if it had ended). With another tokenizer, a text round trip, EOS again only if one was emitted.
     same_tokenizer: common.same_tokenizer(tokenizer, policy_tokenizer), computed once by the caller (it compares
-    whole vocabularies); None computes it here."""
+    whole vocabularies); None computes it here. args.score_cut_as_ended: an answer cut at the token limit is read with
+    an EOS appended, as if it had ended (ppo_lagrangian.score_inputs' cut_as_ended: evaluation reads answers as that
+    RL run scored them)."""
     if same_tokenizer is None:
         same_tokenizer = policy_tokenizer is not None and common.same_tokenizer(tokenizer, policy_tokenizer)
+    ended = generated is None or bool(generated[1] and generated[1][-1] == policy_tokenizer.eos_token_id)
     if generated is not None and same_tokenizer:
         prompt_ids, response_ids = generated
-        return (prompt_ids + response_ids)[:args.max_length]
-    ended = generated is None or bool(generated[1] and generated[1][-1] == policy_tokenizer.eos_token_id)
+        eos = [tokenizer.eos_token_id] if args.score_cut_as_ended and not ended else []
+        return (prompt_ids + response_ids + eos)[:args.max_length]
+    ended = ended or args.score_cut_as_ended
     p_ids, r_ids = common.score_model_text_ids(tokenizer, prompt, text, ended, args.max_length, args.chat_template)
     if generated is None and args.cut_response_tokens:
         r_ids = cut_response(r_ids, args.cut_response_tokens, tokenizer.eos_token_id, args.cut_appends_eos)

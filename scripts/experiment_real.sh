@@ -119,7 +119,8 @@ unset OMP_NUM_THREADS
 # 6. evaluation: XSTest (greedy), held-out PKU prompts (cost model), held-out HH-helpful prompts (reward, win rate),
 #    side by side with one thread each (small decode steps use two threads poorly); each writes $OUT/<name>.log
 POL="base=$MODEL,safety_sft=$OUT/safety_sft,ppo=$OUT/ppo,ppo_lag=$OUT/ppo_lag,shaping=$OUT/shaping"
-SC="--reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --max_length 384"
+#    --score_cut_as_ended: the score models read each cut answer as the RL runs scored theirs (an EOS appended)
+SC="--reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --max_length 384 --score_cut_as_ended"
 t0=$SECONDS
 [ -f "$OUT/xstest/xstest.json" ] || OMP_NUM_THREADS=1 python evaluate.py --task xstest --policies "$POL" \
   --xstest_data "$XSTEST" --output_dir "$OUT/xstest" --batch_size 32 --max_new_tokens 40 $SC $C \

@@ -91,7 +91,8 @@ def test_score_inputs_round_trip_text_and_keep_a_missing_eos(foreign):
 def test_score_cut_as_ended_appends_an_eos_to_cut_responses_only(foreign):
     """--score_cut_as_ended: a cut response is scored as if it had ended (EOS appended), an ended one as it is, with
     the actor's tokenizer (the rollout's ids plus one column) and with another (the text round trip's EOS); the
-    actor's own ids are left alone."""
+    actor's own ids are left alone; evaluate.answer_ids with --score_cut_as_ended reads the same ids."""
+    import evaluate
     import ppo_lagrangian as ppo
     actor_tok, score_tok = common.load_tokenizer(TINY, padding_side="left"), common.load_tokenizer(foreign)
     prompts, answers = ["how do i bake bread ?", "how do i pick a lock ?"], ["sure . mix flour .", "sorry , i can not"]
@@ -117,6 +118,13 @@ def test_score_cut_as_ended_appends_an_eos_to_cut_responses_only(foreign):
         want_ids, _, _ = common.tokenize_prompt_response(score_tok, p, a, 1000)
         assert f_seq[i][f_attn[i].bool()].tolist() == want_ids and want_ids[-1] == score_tok.eos_token_id
 
+    class A:  # the arena and XSTest (evaluate.py --score_cut_as_ended) read the answers as this RL run scored them
+        max_length, chat_template, score_cut_as_ended = 1000, False, True
+    for i in (0, 1):
+        gen = (pids[i], rids[i])
+        assert evaluate.answer_ids(actor_tok, prompts[i], answers[i], gen, actor_tok, A) == s_seq[i][s_attn[i].bool()].tolist()
+        assert evaluate.answer_ids(score_tok, prompts[i], answers[i], gen, actor_tok, A) == f_seq[i][f_attn[i].bool()].tolist()
+
 
 def test_one_rule_for_what_a_score_model_reads_in_every_caller(foreign):
     """An ended and a cut-off answer, a score model with another tokenizer: PPO's score_inputs, the arena's answer_ids
@@ -139,7 +147,7 @@ def test_one_rule_for_what_a_score_model_reads_in_every_caller(foreign):
     s_seq, s_attn, s_pos, s_P, s_lens = ppo.score_inputs(batch, actor_tok, score_tok, False)
 
     class A:
-        max_length, chat_template, batch_size = 1000, False, 2
+        max_length, chat_template, batch_size, score_cut_as_ended = 1000, False, 2, False
     rule = [sum(common.score_model_text_ids(score_tok, p, a, e, 1000), []) for p, a, e in zip(prompts, answers, ended)]
     assert rule[0][-1] == score_tok.eos_token_id and rule[1][-1] != score_tok.eos_token_id
     for i in range(2):
@@ -224,7 +232,7 @@ def test_arena_scores_the_generated_tokens(foreign, tmp_path):
         assert r["a"]["reward"] == pytest.approx(want, abs=1e-5)
     # the same tokenizer: the generated ids themselves, no EOS added to a cut-off answer
     class A:
-        max_length, chat_template = 128, False
+        max_length, chat_template, score_cut_as_ended = 128, False, False
     actor_tok = common.load_tokenizer(TINY)
     gen = ([5, 6, 7], [8, 9])
     assert evaluate.answer_ids(actor_tok, "x", "y", gen, actor_tok, A) == [5, 6, 7, 8, 9]
