@@ -10,7 +10,7 @@
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
-#   bash scripts/experiment_real.sh              # ~2.5 h on 2 CPU cores (fp32: bf16 is slower on a CPU without AMX)
+#   bash scripts/experiment_real.sh              # 1 h 21 min on 2 quiet CPU cores, 2 h 47 min on shared ones (fp32: bf16 is slower without AMX)
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -100,7 +100,8 @@ echo "$THRESHOLD" > "$OUT/threshold.txt"
 
 # 5. RL: critic-free (GRPO group baseline, G = 4; README says why), the same prompts, seed and rollout budget.
 #    --score_cut_as_ended: nearly every rollout is cut at 64 tokens; the score models read it with an EOS appended,
-#    as evaluation reads a cut answer (held-out sign accuracy on cut answers 58.4% as cut -> 64.1% with the EOS)
+#    (held-out sign accuracy on cut answers 58.4% as cut -> 64.1% with the EOS; it also shifts both models' level:
+#    README "Reading the two runs side by side")
 PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt 4 --actor_model_name_or_path $MODEL
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost $C
   --prompt_data $D/prompts_mix_train.jsonl --eval_prompt_data=
