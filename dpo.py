@@ -46,6 +46,7 @@ class Args:
     preference: Literal["better", "safer"] = "better"  # --loss dpo: the label that orders the pair (better = helpfulness)
     beta: float = 0.1  # β: the KL strength of the implicit reward (DPO and SafeDPO papers: 0.1)
     safety_margin: float = 10.0  # Δ of SafeDPO eq. 12: logit margin for a safe-vs-unsafe pair (paper: 10; 0 = eq. 11)
+    nll_coeff: float = 0.0  # α: add α·(the chosen response's mean token NLL), RPO (Pang et al. 2024), against likelihood displacement (0: off)
     # --- data and model
     model_name_or_path: str = "output/sft"  # the SFT policy: the trained policy and (by default) its frozen reference
     ref_model_name_or_path: str = ""  # the reference ('' = model_name_or_path)
@@ -108,6 +109,21 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta, margin=None):
     if margin is not None:
         logits = logits - margin
     return -F.logsigmoid(logits).mean(), chosen.detach(), rejected.detach()
+
+
+def chosen_nll(logp_w, n_tokens_w):
+    """The chosen responses' mean token negative log-likelihood, mean over the pairs: mean_B(−log π(y_w|x) / |y_w|).
+    Logged always: when it rises while the DPO loss falls, the chosen answers themselves are losing probability
+    ("likelihood displacement": Razin et al. 2025; Pal et al. 2024, Smaug/DPOP)."""
+    return (-logp_w / n_tokens_w.clamp(min=1)).mean()
+
+
+def rpo_loss(loss, nll, alpha):
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1; TRL's rpo_alpha): the DPO-family
+    loss plus α·NLL of the chosen response (its mean over tokens), which keeps the chosen answers likely while the
+    margin grows. α = 0 returns `loss` itself (the default run is bit for bit plain DPO / SafeDPO). With SafeDPO the
+    chosen is the safe side of every kept or swapped pair, so the term imitates only safe answers."""
+    return loss if alpha == 0 else loss + alpha * nll
 
 
 def order_pair(row, loss, preference):
@@ -315,7 +331,7 @@ def main(argv=None):
         idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
         if acc > 1:  # micro-batches of similar length pad less; each holds the same number of pairs: same step
             idx = sorted(idx, key=lambda j: max(len(train[j].w), len(train[j].l)))
-        size, sums = len(idx) // acc, torch.zeros(4, dtype=torch.float64)  # loss, margin, accuracy, chosen reward
+        size, sums = len(idx) // acc, torch.zeros(5, dtype=torch.float64)  # loss, margin, accuracy, chosen reward, NLL
         for k in range(acc):
             model.set_requires_gradient_sync(k == acc - 1)
             part = idx[k * size:(k + 1) * size]
@@ -325,10 +341,12 @@ def main(argv=None):
             rw = torch.tensor([ref_train[j][0] for j in part], device=device)
             rl = torch.tensor([ref_train[j][1] for j in part], device=device)
             loss, c, r = dpo_loss(lp[:B], lp[B:], rw, rl, args.beta, margins(h_w, h_l, args))
+            nll = chosen_nll(lp[:B], tgt[:B].sum(-1))
+            loss = rpo_loss(loss, nll, args.nll_coeff)
             (loss / acc).backward()
             sums += torch.tensor([loss.item(), (c - r).mean().item(), (c > r).float().mean().item(),
-                                  c.mean().item()], dtype=torch.float64) / acc
-        loss_g, margin_g, acc_g, chosen_g = (common.all_reduce(sums) / world).tolist()
+                                  c.mean().item(), nll.item()], dtype=torch.float64) / acc
+        loss_g, margin_g, acc_g, chosen_g, nll_g = (common.all_reduce(sums) / world).tolist()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.loss} step {step + 1}",
@@ -338,7 +356,7 @@ def main(argv=None):
         bar.update(1)
         if step % args.log_every == 0 or step == 1 or step == total:
             logger.log(step, {"train/loss": loss_g, "train/reward_margin": margin_g, "train/accuracy": acc_g,
-                              "train/chosen_reward": chosen_g, "train/lr": sched.get_last_lr()[0],
+                              "train/chosen_reward": chosen_g, "train/chosen_nll": nll_g, "train/lr": sched.get_last_lr()[0],
                               "train/grad_norm": gnorm.item(), "train/epoch": epoch + 1}, echo=False)
             bar.set_postfix(loss=f"{loss_g:.4f}", acc=f"{acc_g:.3f}")
         if evald and step % steps_per_epoch == 0 and step < total:

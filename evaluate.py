@@ -112,19 +112,8 @@ def answer_ids(tokenizer, prompt, text, generated, policy_tokenizer, args, same_
     ended = ended or args.score_cut_as_ended
     p_ids, r_ids = common.score_model_text_ids(tokenizer, prompt, text, ended, args.max_length, args.chat_template)
     if generated is None and args.cut_response_tokens:
-        r_ids = cut_response(r_ids, args.cut_response_tokens, tokenizer.eos_token_id, args.cut_appends_eos)
+        r_ids = common.cut_response(r_ids, args.cut_response_tokens, tokenizer.eos_token_id, args.cut_appends_eos)
     return p_ids + r_ids
-
-
-def cut_response(r_ids, n, eos_id, append_eos=False):
-    """A whole answer (its ids end in EOS) as a policy limited to n new tokens produces it: unchanged when it ends
-    within n tokens, else its first n tokens, without EOS (what PPO with --max_new_tokens n scores) or, append_eos, with
-    one (the cut answer scored as if it had ended). Measures how much of a score model's held-out accuracy survives the
-    rollout length (README "Safe RLHF on SmolLM2": the cost model 73.5% -> 66.2% pairwise, 63.9% -> 58.4% sign at 64
-    tokens; with the EOS appended 69.4% / 64.1%)."""
-    if len(r_ids) <= n or (len(r_ids) == n + 1 and r_ids[-1] == eos_id):
-        return r_ids
-    return r_ids[:n] + ([eos_id] if append_eos else [])
 
 
 @torch.no_grad()

@@ -45,6 +45,8 @@ class Args:
     chat_template: bool = False  # use the tokenizer's chat template instead of the Beaver template
     skip_invalid_rows: bool = False  # skip bad rows with a counted warning instead of stopping
     truncate_long_prompts: bool = False  # prompts >= max_length: keep their last max_length/2 tokens (else they are dropped)
+    cut_response_tokens: int = 0  # train (and evaluate) on each answer's first N tokens, as RL with --max_new_tokens N reads them (0: whole answers)
+    cut_appends_eos: bool = False  # with --cut_response_tokens: end each cut answer with EOS (what ppo_lagrangian.py --score_cut_as_ended reads)
     trust_remote_code: bool = False  # allow model code shipped with the checkpoint (only for models you trust)
     # --- several constraints (PKU-SafeRLHF v1 rows with response_*_harm_category)
     cost_categories: str = ""  # '' = one overall cost; else groups 'name=Category A+Category B,...' or category names; all = the 19
@@ -92,6 +94,8 @@ def parse_args(argv=None):
         raise common.UserError("--cost_categories and --severity_weighted train a cost model: add --objective cost")
     if args.severity_weighted and not groups:
         raise common.UserError("--severity_weighted needs --cost_categories (severity comes with the v1 harm fields)")
+    if args.cut_response_tokens < 0 or (args.cut_appends_eos and not args.cut_response_tokens):
+        raise common.UserError("--cut_response_tokens must be >= 1 to cut (0: whole answers); --cut_appends_eos needs it")
     if groups and args.loss_type == "token-wise":
         raise common.UserError("--cost_categories trains end scores: use --loss_type sequence-wise")
     return args
@@ -169,10 +173,15 @@ class Pair(NamedTuple):
 
 
 def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, truncate_prompts=False, groups=(),
-               severity_weighted=False):
+               severity_weighted=False, cut=0, cut_eos=False):
     """Each row -> a Pair. Rows whose prompt does not leave room for a response (unless truncate_prompts), or whose two
-    sides are identical after truncation, are dropped and counted."""
-    out, truncated, dropped, ungrouped = [], 0, 0, 0
+    sides are identical after truncation, are dropped and counted. cut > 0 (--cut_response_tokens): each response is
+    cut to its first `cut` tokens (common.cut_response; with cut_eos an EOS ends the cut one), so the model learns to
+    score what a policy limited to `cut` new tokens writes, the level included: a model trained on whole answers reads
+    a cut answer + EOS as a worse, riskier complete one (README "Reading the two runs side by side"). The pair keeps its
+    labels: a label about the whole answers is taken to hold for their openings (harm shows early; a pair whose
+    openings are identical is dropped)."""
+    out, truncated, dropped, ungrouped, was_cut = [], 0, 0, 0, 0
     for n, r in enumerate(rows):
         hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
         p = common.tokenize_prompt(tokenizer, r["prompt"], chat_template)  # once for both responses
@@ -180,6 +189,10 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
                                             truncate_prompts, p)
         b = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{1 - hi}"], max_length, chat_template,
                                             truncate_prompts, p)
+        if cut and a is not None and b is not None:
+            was_cut += sum(len(x[0]) - x[1] > cut + (x[0][-1] == tokenizer.eos_token_id) for x in (a, b))
+            a, b = [(x[0][:x[1]] + common.cut_response(x[0][x[1]:], cut, tokenizer.eos_token_id, cut_eos), x[1],
+                     x[2] and len(x[0]) - x[1] <= cut) for x in (a, b)]  # cut here: counted as cut, not truncated
         if a is None or b is None or a[0] == b[0]:  # identical after truncation: no signal
             dropped += 1
             continue
@@ -194,7 +207,8 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
         out.append(Pair(a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)),
                         bool(r.get(f"is_response_{1 - hi}_safe", True)), *harm, *weight, n, hi))
     common.print0(f"[data] {source}: {len(out)} pairs, {truncated} responses truncated at max_length={max_length}, "
-                  f"{dropped} pairs dropped (prompt too long or identical after truncation)")
+                  + (f"{was_cut} cut to their first {cut} tokens, " if cut else "")
+                  + f"{dropped} pairs dropped (prompt too long or identical after truncation)")
     if ungrouped:  # the aggregate max_k C_k of such a response is pushed below 0 by every head's term
         common.print0(f"[data] warning: {source}: {ungrouped} unsafe responses are harmful in none of the cost groups "
                       f"(add a group for their categories, e.g. other=..., or the aggregate cost misses them)")
@@ -366,9 +380,11 @@ def main(argv=None):
     eval_rows = common.load_rows(args.eval_data, kind, args.skip_invalid_rows, "--eval_data") if args.eval_data else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data,
-                       args.truncate_long_prompts, groups, args.severity_weighted)
+                       args.truncate_long_prompts, groups, args.severity_weighted, args.cut_response_tokens,
+                       args.cut_appends_eos)
     evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data,
-                       args.truncate_long_prompts, groups, args.severity_weighted) if eval_rows else []
+                       args.truncate_long_prompts, groups, args.severity_weighted, args.cut_response_tokens,
+                       args.cut_appends_eos) if eval_rows else []
     if groups:
         check_groups_have_harm(train, groups, args.train_data, args.allow_empty_cost_groups)
     global_batch, acc, steps_per_epoch, total = common.plan_steps(

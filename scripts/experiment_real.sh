@@ -10,7 +10,10 @@
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
-#   bash scripts/experiment_real.sh              # 1 h 21 min on 2 quiet CPU cores, 2 h 47 min on shared ones (fp32: bf16 is slower without AMX)
+#   bash scripts/experiment_real.sh              # every row; score models trained on 64-token cut answers (run 3's setting)
+#   RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" bash scripts/experiment_real.sh   # run 3 as run: the two rows of the RLHF contrast
+#   SCORE_CUT=0 bash scripts/experiment_real.sh  # run 2: score models on whole answers, 1 h 21 min on 2 quiet Intel cores
+#   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,10 @@ REAL=${REAL:-../shared/data/real}
 S=${STEPS_SCALE:-1}                 # multiplies every step count (smoke: 0.1)
 P_UNSAFE=${P_UNSAFE:-0.10}          # the constraint: at most this fraction of harmful prompts answered unsafely
 EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation set (smoke)
+SCORE_CUT=${SCORE_CUT:-64}          # score models train on answers cut to the rollouts' 64 tokens + EOS (0: whole answers, run 2)
+ROLLOUTS=${ROLLOUTS:-12}            # RL rollouts of 4 prompts x 4 samples per run
+RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
+ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
 steps() { python -c "import sys; print(max(2, round($1 * $S)))"; }
 [ -f "$MODEL/config.json" ] || python scripts/get_smollm2.py
@@ -59,16 +66,19 @@ C="--chat_template"
 # 1-2. score models: the top 6 of 30 blocks trained (--freeze_layers 24: 2.5x the pairs per second on this CPU),
 #      lr 5e-5 with warmup + cosine, 4 pairs a step, the learning curve every 1/4 of the run on a held-out subset
 #      (small evaluation batches: they pad less, and a forward pass over all 506 pairs costs ~5 min on this CPU)
+#      SCORE_CUT > 0: each answer cut to its first SCORE_CUT tokens + EOS, as the RL below reads its rollouts
+#      (--score_cut_as_ended), so the models are calibrated on what they score (run 3; the same steps as run 2)
 CM=$(steps 600); RM=$(steps 250)
+CUT=""; [ "$SCORE_CUT" -gt 0 ] && CUT="--cut_response_tokens $SCORE_CUT --cut_appends_eos"
 stage cost "$OUT/cost/config.json" train_preference.py --objective cost --model_name_or_path "$MODEL" $C \
   --train_data "$D/cost_train.jsonl" --eval_data "$D/cost_test_curve.jsonl" --output_dir "$OUT/cost" \
   --max_steps "$CM" --per_device_train_batch_size 4 --max_length 256 --learning_rate 5e-5 --freeze_layers 24 \
-  --eval_every $((CM / 4)) --eval_batch_size 4 --save_every 50
+  --eval_every $((CM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 stage reward "$OUT/reward/config.json" train_preference.py --objective reward --model_name_or_path "$MODEL" $C \
   --train_data "$D/reward_train.jsonl" --eval_data "$D/reward_test_curve.jsonl" --output_dir "$OUT/reward" \
   --truncate_long_prompts --skip_invalid_rows \
   --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate 5e-5 --freeze_layers 24 \
-  --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50
+  --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 
 # 3-4. side by side, one thread each: held-out accuracy with CIs (-> the threshold d) and the safety-SFT baseline
 #      row (SFT on the PKU safe answers; not the starting policy). Logs: $OUT/scores_*.log, $OUT/safety_sft.log
@@ -77,10 +87,10 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
     t0=$SECONDS
     OMP_NUM_THREADS=1 python evaluate.py --task preference \
       --model_name_or_path "$OUT/$kind" --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" \
-      --max_length 384 --batch_size 8 --skip_invalid_rows $C > "$OUT/scores_$kind.log" 2>&1 || exit 1
+      --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_$kind.log" 2>&1 || exit 1
     printf 'scores_%s\t%s\n' "$kind" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
   done ) &
-OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
+[[ " $ROWS " == *" safety_sft "* ]] && OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1
 wait $! || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
@@ -105,21 +115,22 @@ echo "$THRESHOLD" > "$OUT/threshold.txt"
 PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt 4 --actor_model_name_or_path $MODEL
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost $C
   --prompt_data $D/prompts_mix_train.jsonl --eval_prompt_data=
-  --max_steps $(steps 12) --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 64
+  --max_steps $(steps $ROLLOUTS) --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 64
   --max_prompt_length 128 --actor_lr 2e-5 --kl_coeff 0.02 --eval_every 0 --eval_samples_per_prompt 1 --save_every 4
   --threshold=$THRESHOLD --lambda_lr 0.2 --score_cut_as_ended"
-# the three runs side by side, one thread each (~6 GB of memory each); logs: $OUT/<run>.log
+# the runs side by side, one thread each (~6 GB of memory each); logs: $OUT/<run>.log
+declare -A ALGO=([ppo]="--algo ppo" [ppo_lag]="--algo ppo_lag" [shaping]="--algo reward_shaping --shaping_coeff 1.0")
 export OMP_NUM_THREADS=1
-stage ppo "$OUT/ppo/config.json" $PPO --algo ppo --output_dir "$OUT/ppo" > "$OUT/ppo.log" 2>&1 & p1=$!
-stage shaping "$OUT/shaping/config.json" $PPO --algo reward_shaping --shaping_coeff 1.0 --output_dir "$OUT/shaping" \
-  > "$OUT/shaping.log" 2>&1 & p2=$!
-stage ppo_lag "$OUT/ppo_lag/config.json" $PPO --algo ppo_lag --output_dir "$OUT/ppo_lag" > "$OUT/ppo_lag.log" 2>&1
-wait $p1 && wait $p2 || { echo "[experiment] an RL run failed (see $OUT/ppo.log, $OUT/shaping.log)"; exit 1; }
+pids=()
+for run in $RUNS; do
+  stage "$run" "$OUT/$run/config.json" $PPO ${ALGO[$run]} --output_dir "$OUT/$run" > "$OUT/$run.log" 2>&1 & pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || { echo "[experiment] an RL run failed (see $OUT/{${RUNS// /,}}.log)"; exit 1; }; done
 unset OMP_NUM_THREADS
 
 # 6. evaluation: XSTest (greedy), held-out PKU prompts (cost model), held-out HH-helpful prompts (reward, win rate),
 #    side by side with one thread each (small decode steps use two threads poorly); each writes $OUT/<name>.log
-POL="base=$MODEL,safety_sft=$OUT/safety_sft,ppo=$OUT/ppo,ppo_lag=$OUT/ppo_lag,shaping=$OUT/shaping"
+POL="base=$MODEL"; for r in $ROWS; do POL="$POL,$r=$OUT/$r"; done
 #    --score_cut_as_ended: the score models read each cut answer as the RL runs scored theirs (an EOS appended)
 SC="--reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost --max_length 384 --score_cut_as_ended"
 t0=$SECONDS
@@ -137,5 +148,6 @@ for f in "$OUT/xstest/xstest.json" "$OUT/arena_pku/arena.json" "$OUT/arena_hh/ar
   [ -f "$f" ] || { echo "[experiment] evaluation failed: $f missing (see $OUT/*.log)"; exit 1; }
 done
 printf 'evaluation\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-python evaluate.py --task curves --run_dirs "$OUT/ppo,$OUT/ppo_lag,$OUT/shaping" --output_dir "$OUT/curves" > /dev/null
+RD=""; for r in $RUNS; do RD="$RD${RD:+,}$OUT/$r"; done
+python evaluate.py --task curves --run_dirs "$RD" --output_dir "$OUT/curves" > /dev/null
 python scripts/experiment_table.py "$OUT" | tee "$OUT/results.md"

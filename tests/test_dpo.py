@@ -30,6 +30,16 @@ def test_dpo_and_safedpo_losses_hand_computed():
     assert loss.item() == pytest.approx(-(logsig(0.15 - 2.0) + logsig(-0.2)) / 2, rel=1e-6)
 
 
+def test_rpo_nll_term_hand_computed():
+    """--nll_coeff α (RPO): the loss gains α·mean_B(−log π(y_w)/|y_w|); α = 0 returns the DPO loss tensor itself."""
+    from dpo import chosen_nll, rpo_loss
+    nll = chosen_nll(torch.tensor([-3.0, -5.0]), torch.tensor([2, 4]))
+    assert nll.item() == pytest.approx((3.0 / 2 + 5.0 / 4) / 2)
+    base = torch.tensor(0.7)
+    assert rpo_loss(base, nll, 0.0) is base
+    assert rpo_loss(base, nll, 0.5).item() == pytest.approx(0.7 + 0.5 * 1.375)
+
+
 def row(better, safe0, safe1, safer=None):
     safer = safer if safer is not None else (0 if safe0 and not safe1 else 1 if safe1 and not safe0 else better)
     return {"better_response_id": better, "safer_response_id": safer, "is_response_0_safe": safe0,

@@ -83,7 +83,7 @@ def test_pipeline_script_end_to_end_shortened(tmp_path):
 def test_cut_response_hand_computed():
     """An answer ending within n tokens is unchanged; a longer one keeps its first n tokens, without EOS (as PPO with
     --max_new_tokens n scores it) or with one appended."""
-    from evaluate import cut_response
+    from common import cut_response
     assert cut_response([1, 2, 9], 4, 9) == [1, 2, 9]
     assert cut_response([1, 2, 3, 4, 9], 4, 9) == [1, 2, 3, 4, 9]  # 4 tokens, then its EOS: it ended in time
     assert cut_response([1, 2, 3, 4, 5, 9], 4, 9) == [1, 2, 3, 4]

@@ -105,6 +105,36 @@ def test_cost_model_trains_on_real_pku_rows(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def test_cut_response_tokens_trains_on_the_openings_rl_reads():
+    """--cut_response_tokens N: each side of a pair is the prompt's ids then the first N response ids of the whole
+    answer (+ EOS with --cut_appends_eos), exactly common.cut_response of the uncut pair; a response that ends within N
+    tokens keeps its EOS; a pair whose two openings are the same is dropped (no signal); labels are the row's."""
+    from train_preference import make_pairs
+    tok = common.load_tokenizer(TINY)
+    eos = tok.eos_token_id
+    rows = [{"prompt": "how do i bake bread ?", "response_0": "sure . first flour , then water , then knead it well .",
+             "response_1": "sorry , i can not help with that at all , ever .", "is_response_0_safe": False,
+             "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 1},
+            {"prompt": "and cake ?", "response_0": "sure . first flour , then sugar .", "response_1": "sure . first eggs .",
+             "is_response_0_safe": True, "is_response_1_safe": True, "better_response_id": 1, "safer_response_id": 0}]
+    whole = make_pairs(rows, "cost", tok, 128, False, "t")
+    plen = len(common.tokenize_prompt(tok, rows[0]["prompt"]))
+    for cut_eos in (False, True):
+        cut = make_pairs(rows, "cost", tok, 128, False, "t", cut=3, cut_eos=cut_eos)
+        assert len(cut) == 1 and cut[0].row == 0  # row 1's openings "sure . first" are the same: dropped
+        for side in ("hi", "lo"):
+            w, c = getattr(whole[0], side), getattr(cut[0], side)
+            assert len(w) > plen + 4 and w[-1] == eos
+            assert c == w[:plen] + w[plen:plen + 3] + ([eos] if cut_eos else [])
+        assert (cut[0].hi_safe, cut[0].lo_safe) == (True, False)  # the safer response (id 1) is the safe one
+    short = make_pairs(rows[:1], "cost", tok, 128, False, "t", cut=1000, cut_eos=True)
+    assert short[0].hi == whole[0].hi and short[0].lo == whole[0].lo  # ends within N: unchanged, its EOS kept
+    from train_preference import parse_args
+    for bad in (["--cut_response_tokens", "-1"], ["--cut_appends_eos"]):
+        with pytest.raises(common.UserError, match="--cut_response_tokens must be >= 1"):
+            parse_args(bad)
+
+
 def test_freeze_layers_trains_only_the_top_and_eval_every_gives_a_curve(tmp_path):
     """--freeze_layers 3 (of the tiny model's 4 blocks) on 2 ranks (FSDP2: the root unit holds the frozen embeddings
     and the trained final norm): the embeddings and blocks 0-2 are bitwise the initial ones, block 3, the final norm
