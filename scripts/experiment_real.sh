@@ -10,9 +10,9 @@
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
-#   bash scripts/experiment_real.sh              # every row; score models trained on 64-token cut answers (run 3's setting)
-#   RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" bash scripts/experiment_real.sh   # run 3 as run: the two rows of the RLHF contrast
-#   SCORE_CUT=0 bash scripts/experiment_real.sh  # run 2: score models on whole answers, 1 h 21 min on 2 quiet Intel cores
+#   bash scripts/experiment_real.sh              # run 2 (the README table): 1 h 21 min on 2 quiet Intel cores
+#   SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
+#                                                # run 3: score models on 64-token cut answers, the two RL rows only
 #   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
 set -euo pipefail
@@ -23,7 +23,7 @@ REAL=${REAL:-../shared/data/real}
 S=${STEPS_SCALE:-1}                 # multiplies every step count (smoke: 0.1)
 P_UNSAFE=${P_UNSAFE:-0.10}          # the constraint: at most this fraction of harmful prompts answered unsafely
 EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation set (smoke)
-SCORE_CUT=${SCORE_CUT:-64}          # score models train on answers cut to the rollouts' 64 tokens + EOS (0: whole answers, run 2)
+SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to the rollouts' 64 tokens + EOS (run 3); 0: whole answers
 ROLLOUTS=${ROLLOUTS:-12}            # RL rollouts of 4 prompts x 4 samples per run
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
