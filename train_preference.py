@@ -190,9 +190,13 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
         b = common.tokenize_prompt_response(tokenizer, r["prompt"], r[f"response_{1 - hi}"], max_length, chat_template,
                                             truncate_prompts, p)
         if cut and a is not None and b is not None:
-            was_cut += sum(len(x[0]) - x[1] > cut + (x[0][-1] == tokenizer.eos_token_id) for x in (a, b))
-            a, b = [(x[0][:x[1]] + common.cut_response(x[0][x[1]:], cut, tokenizer.eos_token_id, cut_eos), x[1],
-                     x[2] and len(x[0]) - x[1] <= cut) for x in (a, b)]  # cut here: counted as cut, not truncated
+            sides = []
+            for ids, plen, trunc in (a, b):
+                resp = ids[plen:]
+                kept = common.cut_response(resp, cut, tokenizer.eos_token_id, cut_eos)
+                was_cut += kept != resp
+                sides.append((ids[:plen] + kept, plen, trunc and kept == resp))  # a cut response counts as cut, not truncated
+            a, b = sides
         if a is None or b is None or a[0] == b[0]:  # identical after truncation: no signal
             dropped += 1
             continue
