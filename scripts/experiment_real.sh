@@ -5,7 +5,8 @@
 #   data       scripts/prepare_real_data.py: PKU-SafeRLHF (cost), HH-RLHF helpful-base (reward), the RL prompt mix
 #   cost       cost model on 4,629 PKU pairs (eq. 6), held out by prompt: 506 pairs
 #   reward     reward model on 2,116 HH-helpful pairs (eq. 5), held out by first turn: 236 pairs
-#   scores     evaluate.py --task preference on both held-out sets (95% CIs) -> the threshold d (printed arithmetic)
+#   scores     evaluate.py --task preference on both held-out sets (95% CIs) -> the threshold d (printed arithmetic),
+#              and on XSTest refusal-vs-compliance pairs (both models; answers by two other chat models)
 #   safety_sft the baseline row: SFT on the PKU safe answers
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
@@ -46,7 +47,7 @@ stage() {
 
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
-for f in prompts_test prompts_hh_test prompts_mix_test cost_test reward_test; do
+for f in prompts_test prompts_hh_test prompts_mix_test cost_test reward_test xstest_pairs_unsafe xstest_pairs_safe; do
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
 done
 head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
@@ -89,7 +90,17 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
       --model_name_or_path "$OUT/$kind" --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" \
       --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_$kind.log" 2>&1 || exit 1
     printf 'scores_%s\t%s\n' "$kind" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  done ) &
+  done
+  #    an independent check of both models on answers no stage trained on: XSTest prompts with one human-labelled
+  #    refusal and one compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py)
+  for kind in cost reward; do for lab in unsafe safe; do
+    [ -f "$OUT/scores_xstest_${kind}_$lab/preference.json" ] && continue
+    t0=$SECONDS
+    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/$kind" \
+      --eval_data "$D/xstest_pairs_${lab}_eval.jsonl" --output_dir "$OUT/scores_xstest_${kind}_$lab" \
+      --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_xstest_${kind}_$lab.log" 2>&1 || exit 1
+    printf 'scores_xstest_%s_%s\t%s\n' "$kind" "$lab" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+  done; done ) &
 [[ " $ROWS " == *" safety_sft "* ]] && OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1

@@ -3,7 +3,7 @@
 Per policy: XSTest unsafe compliance and over-refusal (evaluate.is_refusal), the cost model's unsafe rate and mean
 cost on held-out PKU prompts, the reward model's mean reward and the win rate against the base policy on held-out
 HH-helpful prompts, the mean answer length (words) and the fraction of answers that ended with EOS; all with 95%
-bootstrap CIs. Then the score models' held-out accuracy, the threshold d, the RL runs' last-rollout monitors (reward
+bootstrap CIs. Then the score models' held-out accuracy (and on the XSTest refusal-vs-compliance pairs), the threshold d, the RL runs' last-rollout monitors (reward
 hacking shows here: length, EOS fraction, KL) and each stage's wall time.
 
     python scripts/experiment_table.py output/experiment > output/experiment/results.md
@@ -14,6 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import bootstrap_ci  # noqa: E402
+
+
+# the XSTest refusal-vs-compliance pairs (scripts/prepare_real_data.py): what "pairwise accuracy" counts on each
+XSTEST_SCORES = (("xstest_reward_safe", "reward, XSTest safe prompts (compliance > refusal)"),
+                 ("xstest_reward_unsafe", "reward, XSTest unsafe prompts (compliance > refusal: helpfulness alone)"),
+                 ("xstest_cost_unsafe", "cost, XSTest unsafe prompts (refusal cheaper than compliance)"),
+                 ("xstest_cost_safe", "cost, XSTest safe prompts (compliance cheaper; both safe)"))
 
 
 def load(path):
@@ -57,11 +64,11 @@ def main(out):
                      f"{pct(win) if win else '(base)'} | {num(words)} | {pct(eos)} |")
     lines += ["", "| score model | held-out pairs | pairwise accuracy | sign accuracy (cost > 0 = unsafe) | "
               "safe / unsafe mean score |", "|---|---|---|---|---|"]
-    for kind in ("reward", "cost"):
+    for kind, name in (("reward", "reward"), ("cost", "cost")) + XSTEST_SCORES:
         s = load(os.path.join(out, f"scores_{kind}", "preference.json"))
         if s:
-            means = f"{s['safe_score_mean']:.2f} / {s['unsafe_score_mean']:.2f}" if "safe_score_mean" in s else "—"
-            lines.append(f"| {kind} | {s['n_pairs']} | {pct(s['accuracy'])} | {pct(s.get('sign_accuracy'))} | {means} |")
+            means = " / ".join(f"{s[k]:.2f}" if k in s else "—" for k in ("safe_score_mean", "unsafe_score_mean"))
+            lines.append(f"| {name} | {s['n_pairs']} | {pct(s['accuracy'])} | {pct(s.get('sign_accuracy'))} | {means} |")
     for kind in ("reward", "cost"):  # the learning curve: held-out rows logged during training (--eval_every)
         path = os.path.join(out, kind, "metrics.jsonl")
         rows = [r for r in (json.loads(line) for line in open(path)) if "eval/accuracy" in r] if os.path.exists(path) else []

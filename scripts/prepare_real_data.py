@@ -12,9 +12,16 @@ skipped there with a count). Every split is by prompt (crc32 of the prompt, or o
 The RL prompts mix the two as the paper mixes safety-related and ordinary prompts (§4.1): prompts_mix_{train,test}
 = the harmful-leaning PKU prompts + the single-turn HH-helpful questions, each row tagged `"source": "pku" | "hh"`.
 
+An independent check of both score models (never trained on): xstest_pairs_{unsafe,safe}.jsonl pair, per XSTest v2
+prompt, Llama-2-70b-chat's and Mistral-7B-Instruct's answers where the human labels say one refused and the other
+fully complied (CC BY 4.0). On an unsafe prompt the refusal is the safe answer (is_response_*_safe from the labels);
+on a safe prompt both are safe. On both, better_response_id = the compliance (helpfulness alone) and
+safer_response_id = the refusal on unsafe prompts, the compliance on safe ones (nothing to avoid there).
+
     python scripts/prepare_real_data.py                      # -> output/real-data/*.jsonl
 """
 import argparse
+import csv
 import gzip
 import json
 import os
@@ -32,6 +39,8 @@ def main():
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "output", "real-data"), help="(default: %(default)s)")
     ap.add_argument("--helpful", default=os.path.join(REAL, "hh-rlhf_helpful-base_test.jsonl.gz"),
                     help="HH-RLHF helpful-base dialogues (default: %(default)s)")
+    ap.add_argument("--xstest_dir", default=REAL, help="folder of XSTest v2's prompts and two labelled completion files "
+                    "(default: %(default)s)")
     a = ap.parse_args()
     if not os.path.exists(a.source):
         raise SystemExit(f"error: {a.source} does not exist (the real rows live in ../shared/data/real)")
@@ -52,6 +61,7 @@ def main():
                 f.writelines(json.dumps(x) + "\n" for x in out)
         print(f"[real-data] {name}: {len(pairs)} pairs over {len(prompts)} prompts -> {a.output_dir}")
     write_helpful(a.helpful, a.output_dir, {n: list(dict.fromkeys(r["prompt"] for r in p)) for n, p in split.items()})
+    write_xstest_pairs(a.xstest_dir, a.output_dir)
 
 
 def first_turn(dialogue):
@@ -84,6 +94,43 @@ def write_helpful(path, out_dir, pku_prompts):
                 f.writelines(json.dumps({"prompt": p}) + "\n" for p in hh)
         print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
               + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else ""))
+
+
+XSTEST_MODELS = ("llama2new", "mistralinstruct")
+
+
+def write_xstest_pairs(folder, out_dir):
+    """xstest_pairs_{unsafe,safe}.jsonl: per XSTest v2 prompt whose two labelled answers (XSTEST_MODELS) are one
+    refusal (human final_label 2_full_refusal or 3_partial_refusal) and one full compliance (1_full_compliance), the
+    pair in the PKU-SafeRLHF schema (module docstring). The compliance is response_0 or response_1 by crc32 parity, so
+    no reading of a position can pass for a reading of the answers."""
+    paths = [os.path.join(folder, "xstest_v2_prompts.csv")]
+    paths += [os.path.join(folder, f"xstest_v2_completions_{m}_labelled.csv") for m in XSTEST_MODELS]
+    for p in paths:
+        if not os.path.exists(p):
+            raise SystemExit(f"error: {p} does not exist (the real rows live in ../shared/data/real)")
+    label = {r["prompt"]: r["label"] for r in csv.DictReader(open(paths[0], newline=""))}
+    answers = [{r["prompt"]: r for r in csv.DictReader(open(p, newline=""))} for p in paths[1:]]
+    out = {"unsafe": [], "safe": []}
+    for prompt, lab in label.items():
+        if not all(prompt in a for a in answers):
+            continue  # a prompt one completion file lacks (1 of 450 in v2)
+        pair = [a[prompt] for a in answers]
+        kinds = [r["final_label"][:1] for r in pair]  # 1 compliance, 2 full refusal, 3 partial refusal
+        if sorted(k == "1" for k in kinds) != [False, True]:
+            continue  # both complied or both refused: no contrast
+        comply, refuse = (pair[0], pair[1]) if kinds[0] == "1" else (pair[1], pair[0])
+        c = zlib.crc32(prompt.encode()) % 2  # the compliance's position
+        resp = [None, None]
+        resp[c], resp[1 - c] = comply["completion"].strip(), refuse["completion"].strip()
+        unsafe = lab == "unsafe"
+        out[lab].append({"prompt": prompt, "response_0": resp[0], "response_1": resp[1], "type": comply["type"],
+                         "is_response_0_safe": not (unsafe and c == 0), "is_response_1_safe": not (unsafe and c == 1),
+                         "better_response_id": c, "safer_response_id": 1 - c if unsafe else c})
+    for lab, rows in out.items():
+        with open(os.path.join(out_dir, f"xstest_pairs_{lab}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"[real-data] XSTest refusal-vs-compliance pairs: {len(out['unsafe'])} unsafe prompts, {len(out['safe'])} safe")
 
 
 if __name__ == "__main__":

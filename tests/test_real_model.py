@@ -51,6 +51,26 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
         assert len(hh) > 50
     assert not {r["prompt"] for r in mix["train"]} & {r["prompt"] for r in mix["test"]}
     assert [r["prompt"] for r in rd("prompts_hh_test")] == [r["prompt"] for r in mix["test"] if r["source"] == "hh"]
+    # the XSTest check pairs: one human-labelled refusal and one full compliance per prompt, the labels from those
+    import csv
+    label = {r["prompt"]: r["label"] for r in csv.DictReader(open(os.path.join(REAL, "xstest_v2_prompts.csv")))}
+    done = {}  # prompt -> {completion text: human final label} over the two answer files
+    for m in ("llama2new", "mistralinstruct"):
+        for r in csv.DictReader(open(os.path.join(REAL, f"xstest_v2_completions_{m}_labelled.csv"))):
+            done.setdefault(r["prompt"], {})[r["completion"].strip()] = r["final_label"]
+    contrast = [p for p, a in done.items() if p in label and len(a) == 2 and sorted(v == "1_full_compliance" for v in a.values()) == [False, True]]
+    for lab in ("unsafe", "safe"):
+        pairs = rd(f"xstest_pairs_{lab}")
+        assert sorted(r["prompt"] for r in pairs) == sorted(p for p in contrast if label[p] == lab)
+        assert {r["better_response_id"] for r in pairs} == {0, 1}  # the compliance sits on both sides
+        for r in pairs:
+            c = r["better_response_id"]
+            assert done[r["prompt"]][r[f"response_{c}"]] == "1_full_compliance"
+            assert done[r["prompt"]][r[f"response_{1 - c}"]] in ("2_full_refusal", "3_partial_refusal")
+            # unsafe prompt: complying is the unsafe answer, the refusal the safer one; safe prompt: both safe
+            assert (r[f"is_response_{c}_safe"], r[f"is_response_{1 - c}_safe"]) == ((False, True) if lab == "unsafe" else (True, True))
+            assert r["safer_response_id"] == (1 - c if lab == "unsafe" else c)
+    assert len(rd("xstest_pairs_unsafe")) > 100 and len(rd("xstest_pairs_safe")) > 50
 
 
 def test_the_real_model_is_what_the_issue_says(smollm2):
@@ -113,3 +133,23 @@ def test_every_stage_on_a_real_chat_model(smollm2, tmp_path):
     assert set(res["policies"]) == {"base", "ppo_lag"} and res["samples"] == 2
     answers = [json.loads(l) for l in open(arena / "answers.jsonl")]
     assert all(a["base"]["answer"] and "<|im_" not in a["base"]["answer"] for a in answers)  # decoded text, no markup
+
+
+def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
+    """scripts/experiment_table.py on a run folder holding only score-model results: one row per preference.json
+    found, the XSTest checks named by what their accuracy counts, "—" for a statistic a file lacks."""
+    def write(name, **res):
+        os.makedirs(tmp_path / name)
+        json.dump(res, open(tmp_path / name / "preference.json", "w"))
+    write("scores_cost", n_pairs=506, accuracy=[0.735, 0.698, 0.777], sign_accuracy=[0.639, 0.613, 0.667],
+          safe_score_mean=-0.68, unsafe_score_mean=0.26)
+    write("scores_xstest_cost_unsafe", n_pairs=127, accuracy=[0.8, 0.7, 0.9], sign_accuracy=[0.6, 0.5, 0.7],
+          safe_score_mean=-0.5, unsafe_score_mean=0.4)
+    write("scores_xstest_reward_safe", n_pairs=72, accuracy=[0.25, 0.15, 0.35], safe_score_mean=-1.0)
+    out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    rows = [line for line in out.splitlines() if line.startswith(("| cost", "| reward"))]
+    assert rows == ["| cost | 506 | 73.5% [69.8%, 77.7%] | 63.9% [61.3%, 66.7%] | -0.68 / 0.26 |",
+                    "| reward, XSTest safe prompts (compliance > refusal) | 72 | 25.0% [15.0%, 35.0%] | — | -1.00 / — |",
+                    "| cost, XSTest unsafe prompts (refusal cheaper than compliance) | 127 | 80.0% [70.0%, 90.0%] | "
+                    "60.0% [50.0%, 70.0%] | -0.50 / 0.40 |"]
