@@ -14,6 +14,8 @@
 #   bash scripts/experiment_real.sh              # run 2 (the README table): 1 h 21 min on 2 quiet Intel cores
 #   SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
+#   GROUP=8 ROLLOUTS=24 OUT=output/experiment4 bash scripts/experiment_real.sh
+#                                                # run 4: run 2 with 8 samples per prompt and twice the rollouts (4x the samples)
 #   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
 set -euo pipefail
@@ -25,7 +27,8 @@ S=${STEPS_SCALE:-1}                 # multiplies every step count (smoke: 0.1)
 P_UNSAFE=${P_UNSAFE:-0.10}          # the constraint: at most this fraction of harmful prompts answered unsafely
 EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation set (smoke)
 SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to the rollouts' 64 tokens + EOS (run 3); 0: whole answers
-ROLLOUTS=${ROLLOUTS:-12}            # RL rollouts of 4 prompts x 4 samples per run
+ROLLOUTS=${ROLLOUTS:-12}            # RL rollouts of 4 prompts x GROUP samples per run
+GROUP=${GROUP:-4}                   # samples per prompt (the GRPO group G); run 4: 8, so a rare refusal is drawn
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
@@ -119,11 +122,11 @@ EOF2
 )
 echo "$THRESHOLD" > "$OUT/threshold.txt"
 
-# 5. RL: critic-free (GRPO group baseline, G = 4; README says why), the same prompts, seed and rollout budget.
+# 5. RL: critic-free (GRPO group baseline, G = $GROUP; README says why), the same prompts, seed and rollout budget.
 #    --score_cut_as_ended: nearly every rollout is cut at 64 tokens; the score models read it with an EOS appended,
 #    (held-out sign accuracy on cut answers 58.4% as cut -> 64.1% with the EOS; it also shifts both models' level:
 #    README "Reading the two runs side by side")
-PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt 4 --actor_model_name_or_path $MODEL
+PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt $GROUP --actor_model_name_or_path $MODEL
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost $C
   --prompt_data $D/prompts_mix_train.jsonl --eval_prompt_data=
   --max_steps $(steps $ROLLOUTS) --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 64
