@@ -11,11 +11,11 @@
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
-#   bash scripts/experiment_real.sh              # run 2 (the README table): 1 h 21 min on 2 quiet Intel cores
-#   SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
+#   bash scripts/experiment_real.sh              # run 4 (the README table): 8 samples per prompt, 24 rollouts;
+#                                                # 2 h 0 min on 2 Intel cores
+#   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
+#   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
-#   GROUP=8 ROLLOUTS=24 OUT=output/experiment4 bash scripts/experiment_real.sh
-#                                                # run 4: run 2 with 8 samples per prompt and twice the rollouts (4x the samples)
 #   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
 set -euo pipefail
@@ -27,8 +27,8 @@ S=${STEPS_SCALE:-1}                 # multiplies every step count (smoke: 0.1)
 P_UNSAFE=${P_UNSAFE:-0.10}          # the constraint: at most this fraction of harmful prompts answered unsafely
 EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation set (smoke)
 SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to the rollouts' 64 tokens + EOS (run 3); 0: whole answers
-ROLLOUTS=${ROLLOUTS:-12}            # RL rollouts of 4 prompts x GROUP samples per run
-GROUP=${GROUP:-4}                   # samples per prompt (the GRPO group G); run 4: 8, so a rare refusal is drawn
+ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples per run (runs 1-3: 12)
+GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
