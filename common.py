@@ -21,7 +21,7 @@ Plumbing
     paths and the hub     HERE, is_hub_name, WRITTEN_BY, check_path
     output folder, logs   check_output_dir, prepare_output_dir, MetricsLogger, StepTimer, progress
     the tiny task's judge TINY_TASK_DATA, load_judge (its report: data/tiny_safety.py report, group_items)
-    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state,
+    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state, ADDED_LATER,
                           load_checkpoint, StopOnSignal (SIGTERM)
 
 Conventions: every mask is built from explicit lengths (never by comparing ids with the pad id, since
@@ -1489,11 +1489,19 @@ def checkpoint_state(path, expect=None):
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: unreadable trainer_state.json ({e})") from None
     for k, v in (expect or {}).items():
+        if k in ADDED_LATER and k not in state:
+            continue  # a checkpoint written before the key existed resumes as it did then
         if state.get(k) != v:
             raise UserError(f"{path}: checkpoint has {k}={state.get(k)!r} but this run has {v!r}" +
                             ("; set --global_batch_size (or --rollout_batch_size) to the checkpoint's to resume on "
-                             "another number of ranks" if "batch" in k else ""))
+                             "another number of ranks" if "batch" in k else "") +
+                            ("; the learning-rate schedule (warmup + cosine) is laid out over the whole run: resume "
+                             "with the checkpoint's --max_steps / --epochs, or start a new run" if k == "total_steps"
+                             else ""))
     return state
+
+
+ADDED_LATER = ("total_steps",)  # run-state keys older checkpoints lack (2026-12-04)
 
 
 def load_checkpoint(path, models, generators=None):

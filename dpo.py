@@ -287,7 +287,7 @@ def main(argv=None):
                   f"{total} steps, β={args.beta}" + (f", Δ={args.safety_margin}" if args.loss == "safedpo" else
                                                      f", pairs ordered by the {args.preference} label"))
     run_state = {"stage": f"dpo/{args.loss}/{args.preference}", "global_batch": global_batch, "train_rows": len(train),
-                 "seed": args.seed}
+                 "seed": args.seed, "total_steps": total}  # the cosine schedule's length: a resume may not change it
     if ckpt:
         common.checkpoint_state(ckpt, expect=run_state)
 

@@ -110,7 +110,8 @@ def main(argv=None):
         args.max_steps, args.train_data, args.global_batch_size)
     common.print0(f"[sft] world {world}, global batch {global_batch} = {args.per_device_train_batch_size} x {world} "
                   f"ranks x {accum} accum, {steps_per_epoch} steps/epoch, {total_steps} steps")
-    run_state = {"stage": "sft", "global_batch": global_batch, "train_rows": len(train), "seed": args.seed}
+    run_state = {"stage": "sft", "global_batch": global_batch, "train_rows": len(train), "seed": args.seed,
+                 "total_steps": total_steps}  # the cosine schedule's length: a resume may not change it
     if ckpt:
         common.checkpoint_state(ckpt, expect=run_state)  # before any weights are read
 

@@ -396,7 +396,8 @@ def main(argv=None):
         args.max_steps, args.train_data, args.global_batch_size)
     common.print0(f"[{args.objective}] world {world}, global batch {global_batch} pairs, {steps_per_epoch} steps/epoch, "
                   f"{total} steps, loss {args.loss_type}")
-    run_state = {"stage": args.objective, "global_batch": global_batch, "train_rows": len(train), "seed": args.seed}
+    run_state = {"stage": args.objective, "global_batch": global_batch, "train_rows": len(train), "seed": args.seed,
+                 "total_steps": total}  # the cosine schedule's length: a resume may not change it
     if groups:  # a checkpoint of other groups holds another head
         run_state["cost_groups"] = [[n, c] for n, c in groups]
     if ckpt:

@@ -3,16 +3,19 @@
 # The shipped SmolLM2-135M-Instruct is π_SFT (Alpaca's role in the paper). Stages, each cached in $OUT/<stage> and
 # resumed from its newest checkpoint when the run is killed (run the same command again):
 #   data       scripts/prepare_real_data.py: PKU-SafeRLHF (cost), HH-RLHF helpful-base (reward), the RL prompt mix
-#   cost       cost model on 4,629 PKU pairs (eq. 6), held out by prompt: 506 pairs
+#   cost       cost model on 4,629 PKU pairs (eq. 6), held out by prompt: 506 pairs, + 622 benign HH-helpful pairs
+#              (both answers safe, a tie; COST_TRAIN=cost_train: PKU alone, runs 1-4)
 #   reward     reward model on 2,116 HH-helpful pairs (eq. 5), held out by first turn: 236 pairs
 #   scores     evaluate.py --task preference on both held-out sets (95% CIs) -> the threshold d (printed arithmetic),
-#              and on XSTest refusal-vs-compliance pairs (both models; answers by two other chat models)
+#              the cost model on 72 held-out benign HH pairs (share of benign answers read as safe), and on XSTest
+#              refusal-vs-compliance pairs (both models; answers by two other chat models)
 #   safety_sft the baseline row: SFT on the PKU safe answers
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
-#   bash scripts/experiment_real.sh              # run 4 (the README table): 8 samples per prompt, 24 rollouts;
-#                                                # 2 h 0 min on 2 Intel cores
+#   bash scripts/experiment_real.sh              # run 5 (the README table): run 4 + benign answers in the cost data
+#   COST_TRAIN=cost_train OUT=output/experiment4 bash scripts/experiment_real.sh   # run 4: 8 samples per prompt,
+#                                                # 24 rollouts, PKU-only cost model; 2 h 0 min on 2 Intel cores
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -29,6 +32,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation
 SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to the rollouts' 64 tokens + EOS (run 3); 0: whole answers
 ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples per run (runs 1-3: 12)
 GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
+COST_TRAIN=${COST_TRAIN:-cost_mix_train}  # the cost model's training rows: PKU + benign HH (run 5), cost_train: PKU only
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
@@ -50,7 +54,7 @@ stage() {
 
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
-for f in prompts_test prompts_hh_test prompts_mix_test cost_test reward_test xstest_pairs_unsafe xstest_pairs_safe; do
+for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test reward_test xstest_pairs_unsafe xstest_pairs_safe; do
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
 done
 head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
@@ -75,7 +79,7 @@ C="--chat_template"
 CM=$(steps 600); RM=$(steps 250)
 CUT=""; [ "$SCORE_CUT" -gt 0 ] && CUT="--cut_response_tokens $SCORE_CUT --cut_appends_eos"
 stage cost "$OUT/cost/config.json" train_preference.py --objective cost --model_name_or_path "$MODEL" $C \
-  --train_data "$D/cost_train.jsonl" --eval_data "$D/cost_test_curve.jsonl" --output_dir "$OUT/cost" \
+  --train_data "$D/$COST_TRAIN.jsonl" --eval_data "$D/cost_test_curve.jsonl" --output_dir "$OUT/cost" \
   --max_steps "$CM" --per_device_train_batch_size 4 --max_length 256 --learning_rate 5e-5 --freeze_layers 24 \
   --eval_every $((CM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 stage reward "$OUT/reward/config.json" train_preference.py --objective reward --model_name_or_path "$MODEL" $C \
@@ -94,6 +98,14 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
       --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_$kind.log" 2>&1 || exit 1
     printf 'scores_%s\t%s\n' "$kind" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
   done
+  #    the cost model on held-out benign answers (HH-helpful, both safe): its sign accuracy = the share read as safe
+  if [ ! -f "$OUT/scores_cost_hh/preference.json" ]; then
+    t0=$SECONDS
+    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/cost" \
+      --eval_data "$D/cost_hh_test_eval.jsonl" --output_dir "$OUT/scores_cost_hh" \
+      --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_cost_hh.log" 2>&1 || exit 1
+    printf 'scores_cost_hh\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+  fi
   #    an independent check of both models on answers no stage trained on: XSTest prompts with one human-labelled
   #    refusal and one compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py)
   for kind in cost reward; do for lab in unsafe safe; do

@@ -16,11 +16,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import bootstrap_ci  # noqa: E402
 
 
-# the XSTest refusal-vs-compliance pairs (scripts/prepare_real_data.py): what "pairwise accuracy" counts on each
-XSTEST_SCORES = (("xstest_reward_safe", "reward, XSTest safe prompts (compliance > refusal)"),
-                 ("xstest_reward_unsafe", "reward, XSTest unsafe prompts (compliance > refusal: helpfulness alone)"),
-                 ("xstest_cost_unsafe", "cost, XSTest unsafe prompts (refusal cheaper than compliance)"),
-                 ("xstest_cost_safe", "cost, XSTest safe prompts (compliance cheaper; both safe)"))
+# the checks on answers the RL never scores: benign HH answers, and the XSTest refusal-vs-compliance pairs
+# (scripts/prepare_real_data.py): what "pairwise accuracy" counts on each
+CHECK_SCORES = (("cost_hh", "cost, held-out benign HH answers (both safe: sign = share read as safe)"),
+                ("xstest_reward_safe", "reward, XSTest safe prompts (compliance > refusal)"),
+                ("xstest_reward_unsafe", "reward, XSTest unsafe prompts (compliance > refusal: helpfulness alone)"),
+                ("xstest_cost_unsafe", "cost, XSTest unsafe prompts (refusal cheaper than compliance)"),
+                ("xstest_cost_safe", "cost, XSTest safe prompts (compliance cheaper; both safe)"))
 
 
 def load(path):
@@ -64,7 +66,7 @@ def main(out):
                      f"{pct(win) if win else '(base)'} | {num(words)} | {pct(eos)} |")
     lines += ["", "| score model | held-out pairs | pairwise accuracy | sign accuracy (cost > 0 = unsafe) | "
               "safe / unsafe mean score |", "|---|---|---|---|---|"]
-    for kind, name in (("reward", "reward"), ("cost", "cost")) + XSTEST_SCORES:
+    for kind, name in (("reward", "reward"), ("cost", "cost")) + CHECK_SCORES:
         s = load(os.path.join(out, f"scores_{kind}", "preference.json"))
         if s:
             means = " / ".join(f"{s[k]:.2f}" if k in s else "—" for k in ("safe_score_mean", "unsafe_score_mean"))

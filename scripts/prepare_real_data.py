@@ -12,6 +12,15 @@ skipped there with a count). Every split is by prompt (crc32 of the prompt, or o
 The RL prompts mix the two as the paper mixes safety-related and ordinary prompts (§4.1): prompts_mix_{train,test}
 = the harmful-leaning PKU prompts + the single-turn HH-helpful questions, each row tagged `"source": "pku" | "hh"`.
 
+Benign answers for the cost model (run 5): every PKU row has an unsafe answer, so a cost model trained on them alone
+never sees a harmless answer to an ordinary question, and calls 78% of the shipped model's answers to held-out HH
+questions unsafe (run 4) -- the constraint then pays for refusing everything. cost_hh_{train,test}.jsonl are the
+single-turn HH helpful-base pairs with both answers labelled safe (helpful-base asked crowdworkers for help, not for
+harm: Bai et al. 2022, §2), each written twice, once per order (safer_response_id 0 and 1): eq. 6's pairwise terms of
+the two copies cancel at C(y_0) = C(y_1), a tie (no harmlessness order is invented), and its classification terms push
+both below 0. cost_mix_train.jsonl = cost_train + cost_hh_train. The test file has each pair once (its sign accuracy
+is the share of benign answers read as safe; its pairwise accuracy means nothing).
+
 An independent check of both score models (never trained on): xstest_pairs_{unsafe,safe}.jsonl pair, per XSTest v2
 prompt, Llama-2-70b-chat's and Mistral-7B-Instruct's answers where the human labels say one refused and the other
 fully complied (CC BY 4.0). On an unsafe prompt the refusal is the safe answer (is_response_*_safe from the labels);
@@ -92,8 +101,33 @@ def write_helpful(path, out_dir, pku_prompts):
         if name == "test":
             with open(os.path.join(out_dir, "prompts_hh_test.jsonl"), "w") as f:
                 f.writelines(json.dumps({"prompt": p}) + "\n" for p in hh)
+        benign = write_benign_cost(part, out_dir, name)
         print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
-              + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else ""))
+              + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else "")
+              + f"; benign cost rows {benign}")
+    with open(os.path.join(out_dir, "cost_mix_train.jsonl"), "w") as f:
+        for name in ("cost_train", "cost_hh_train"):
+            f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
+
+
+def write_benign_cost(part, out_dir, name):
+    """cost_hh_{name}.jsonl: the single-turn HH helpful-base pairs of this split as cost rows, both answers safe, each
+    pair twice (safer_response_id 0 and 1: a tie) in train, once in test (module docstring). A pair with an empty
+    answer is left out (no cost row may be invalid). -> the number of rows written."""
+    import common
+    out = []
+    for r in part:
+        if r["chosen"].count("\n\nHuman:") != 1:
+            continue
+        row, err = common.from_chosen_rejected(r)
+        row = {"prompt": row["prompt"], "response_0": row["response_0"], "response_1": row["response_1"],
+               "is_response_0_safe": True, "is_response_1_safe": True, "safer_response_id": 0}
+        if err or common.validate_row(row, "cost") is not None:
+            continue
+        out += [row] + ([{**row, "safer_response_id": 1}] if name == "train" else [])
+    with open(os.path.join(out_dir, f"cost_hh_{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in out)
+    return len(out)
 
 
 XSTEST_MODELS = ("llama2new", "mistralinstruct")

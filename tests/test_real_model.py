@@ -50,6 +50,29 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
         assert set(hh) <= {first(r["chosen"]) for r in reward[n] if r["chosen"].count("\n\nHuman:") == 1}
         assert len(hh) > 50
     assert not {r["prompt"] for r in mix["train"]} & {r["prompt"] for r in mix["test"]}
+    # benign cost rows: the split's single-turn HH pairs, both answers safe, twice in train (a tie), once in test
+    for n in ("train", "test"):
+        hh_cost = rd(f"cost_hh_{n}")
+        single = [common.from_chosen_rejected(r)[0] for r in reward[n] if r["chosen"].count("\n\nHuman:") == 1]
+        ok = [r for r in single if r["response_0"].strip() and r["response_1"].strip()]
+        assert len(hh_cost) == (2 if n == "train" else 1) * len(ok) and len(ok) > 50
+        assert all(r["is_response_0_safe"] and r["is_response_1_safe"] and common.validate_row(r, "cost") is None
+                   for r in hh_cost)
+        assert {r["prompt"] for r in hh_cost} == {r["prompt"] for r in ok} <= {r["prompt"] for r in mix[n]}
+        if n == "train":  # copy 2k has safer_response_id 0, copy 2k + 1 the same pair with 1
+            assert [r["safer_response_id"] for r in hh_cost[:4]] == [0, 1, 0, 1]
+            assert all({**a, "safer_response_id": 1} == b for a, b in zip(hh_cost[::2], hh_cost[1::2]))
+    assert rd("cost_mix_train") == cost["train"] + rd("cost_hh_train")
+    assert not {r["prompt"] for r in rd("cost_mix_train")} & {r["prompt"] for r in cost["test"] + rd("cost_hh_test")}
+    # the tie: eq. 6's pairwise terms of the two copies pull C(y_0) toward C(y_1), d/dc_0 = 2σ(c_0 − c_1) − 1
+    import torch
+    from train_preference import cost_loss
+    c = torch.tensor([1.0, -1.0], requires_grad=True)
+    t = torch.tensor([True])
+    (cost_loss(c[:1], c[1:], t, t) + cost_loss(c[1:], c[:1], t, t)).backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert c.grad[0].item() == pytest.approx(2 * sig(2.0) - 1 + 2 * sig(1.0))  # tie + both classification terms
+    assert c.grad[1].item() == pytest.approx(-(2 * sig(2.0) - 1) + 2 * sig(-1.0))
     assert [r["prompt"] for r in rd("prompts_hh_test")] == [r["prompt"] for r in mix["test"] if r["source"] == "hh"]
     # the XSTest check pairs: one human-labelled refusal and one full compliance per prompt, the labels from those
     import csv
@@ -146,10 +169,13 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
     write("scores_xstest_cost_unsafe", n_pairs=127, accuracy=[0.8, 0.7, 0.9], sign_accuracy=[0.6, 0.5, 0.7],
           safe_score_mean=-0.5, unsafe_score_mean=0.4)
     write("scores_xstest_reward_safe", n_pairs=72, accuracy=[0.25, 0.15, 0.35], safe_score_mean=-1.0)
+    write("scores_cost_hh", n_pairs=72, accuracy=[0.5, 0.4, 0.6], sign_accuracy=[0.9, 0.85, 0.95], safe_score_mean=-2.0)
     out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
     rows = [line for line in out.splitlines() if line.startswith(("| cost", "| reward"))]
     assert rows == ["| cost | 506 | 73.5% [69.8%, 77.7%] | 63.9% [61.3%, 66.7%] | -0.68 / 0.26 |",
+                    "| cost, held-out benign HH answers (both safe: sign = share read as safe) | 72 | 50.0% [40.0%, 60.0%] | "
+                    "90.0% [85.0%, 95.0%] | -2.00 / — |",
                     "| reward, XSTest safe prompts (compliance > refusal) | 72 | 25.0% [15.0%, 35.0%] | — | -1.00 / — |",
                     "| cost, XSTest unsafe prompts (refusal cheaper than compliance) | 127 | 80.0% [70.0%, 90.0%] | "
                     "60.0% [50.0%, 70.0%] | -0.50 / 0.40 |"]

@@ -143,6 +143,18 @@ def test_preference_resume_from_a_mid_run_checkpoint_is_bitwise_identical(tmp_pa
     assert code == 0 and "continuing from" in out, err[-2000:]
     same_weights(a, b)
     assert open(a / "metrics.jsonl").read() == open(b / "metrics.jsonl").read()
+    # another --max_steps would silently re-lay the cosine schedule under the resumed steps: refused in one line
+    ck = a / "checkpoints" / "step-00000003"
+    longer = [x if x != 6 else 12 for x in args]
+    code, out, err = main_inprocess("train_preference.py", *longer, "--output_dir", tmp_path / "c", "--resume", ck)
+    assert code != 0 and "total_steps=6 but this run has 12" in err, (code, err[-2000:])
+    assert not (tmp_path / "c" / "config.json").exists()
+    # a checkpoint written before total_steps was recorded resumes as before
+    state = json.load(open(ck / "trainer_state.json"))
+    del state["total_steps"]
+    json.dump(state, open(ck / "trainer_state.json", "w"))
+    code, out, err = main_inprocess("train_preference.py", *args, "--output_dir", tmp_path / "d", "--resume", ck)
+    assert code == 0 and "continuing from" in out, err[-2000:]
 
 
 def test_nan_stops_before_the_checkpoint_and_the_last_good_one_resumes(tmp_path, monkeypatch):
@@ -198,7 +210,7 @@ def test_pickled_payloads_are_never_executed(tmp_path):
     ck = common.checkpoint_dirs(out)[-1]
     with open(os.path.join(ck, ".metadata"), "wb") as f:
         pickle.dump(Payload(marker), f)
-    code, _, err = main_inprocess("sft.py", "--output_dir", out, "--max_steps", 4, "--judge", "", "--eval_data", "",
+    code, _, err = main_inprocess("sft.py", "--output_dir", out, "--max_steps", 2, "--judge", "", "--eval_data", "",
                                   "--resume")
     assert code == 1 and "refusing to load" in err and "system" in err, err[-2000:]
     assert not marker.exists()
