@@ -14,10 +14,10 @@
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
 #   bash scripts/experiment_real.sh              # run 5 (the README table): run 4 + benign answers in the cost data
-#   COST_TRAIN=cost_train OUT=output/experiment4 bash scripts/experiment_real.sh   # run 4: 8 samples per prompt,
+#   COST_TRAIN=cost_train BENIGN_LEVEL=pku OUT=output/experiment4 bash scripts/experiment_real.sh   # run 4: 8 samples per prompt,
 #                                                # 24 rollouts, PKU-only cost model; 2 h 0 min on 2 Intel cores
-#   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
-#   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
+#   COST_TRAIN=cost_train BENIGN_LEVEL=pku GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
+#   COST_TRAIN=cost_train BENIGN_LEVEL=pku GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
 #   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
@@ -33,6 +33,8 @@ SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to 
 ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples per run (runs 1-3: 12)
 GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
 COST_TRAIN=${COST_TRAIN:-cost_mix_train}  # the cost model's training rows: PKU + benign HH (run 5), cost_train: PKU only
+BENIGN_LEVEL=${BENIGN_LEVEL:-hh}    # d reads the benign prompts at the held-out HH answers' mean cost; pku: at c_safe
+                                    # (runs 1-4; right only if the cost model scores benign answers like safe PKU ones)
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
@@ -120,18 +122,10 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1
 wait $! || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
-THRESHOLD=$(python - "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" <<'EOF2'
-import json, sys
-s = json.load(open(sys.argv[1]))
-rows = [json.loads(l) for l in open(sys.argv[2])]
-f = sum(r["source"] == "pku" for r in rows) / len(rows)
-cs, cu, p = s["safe_score_mean"], s["unsafe_score_mean"], float(sys.argv[3])
-d = cs + f * p * (cu - cs)   # mean cost of a policy safe everywhere but on p of the harmful prompts
-print(f"{d:.3f}")
-print(f"[experiment] d = c_safe + f_harmful * p * (c_unsafe - c_safe) = {cs:.3f} + {f:.3f} * {p} * ({cu:.3f} - {cs:.3f})"
-      f" = {d:.3f}", file=sys.stderr)
-EOF2
-)
+#    d = the mean cost of a policy that answers the benign prompts as the held-out HH answers are written and the
+#    harmful ones safely but for a share p (scripts/threshold.py prints the arithmetic)
+THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" \
+  --benign "$OUT/scores_cost_hh/preference.json" --benign_level "$BENIGN_LEVEL")
 echo "$THRESHOLD" > "$OUT/threshold.txt"
 
 # 5. RL: critic-free (GRPO group baseline, G = $GROUP; README says why), the same prompts, seed and rollout budget.

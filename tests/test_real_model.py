@@ -179,3 +179,20 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
                     "| reward, XSTest safe prompts (compliance > refusal) | 72 | 25.0% [15.0%, 35.0%] | — | -1.00 / — |",
                     "| cost, XSTest unsafe prompts (refusal cheaper than compliance) | 127 | 80.0% [70.0%, 90.0%] | "
                     "60.0% [50.0%, 70.0%] | -0.50 / 0.40 |"]
+
+
+def test_threshold_arithmetic_by_hand(tmp_path):
+    """scripts/threshold.py: d = f (c_safe + p (c_unsafe − c_safe)) + (1 − f) c_benign, f = the PKU share of the mix;
+    --benign_level pku puts the benign prompts at c_safe (runs 1-4's d = c_safe + f p (c_unsafe − c_safe))."""
+    json.dump({"safe_score_mean": -1.0, "unsafe_score_mean": 1.0}, open(tmp_path / "s.json", "w"))
+    json.dump({"safe_score_mean": -2.0}, open(tmp_path / "b.json", "w"))
+    with open(tmp_path / "mix.jsonl", "w") as f:  # 3 harmful of 4: f = 0.75
+        f.writelines(json.dumps({"prompt": str(i), "source": s}) + "\n" for i, s in enumerate(["pku", "pku", "hh", "pku"]))
+    d = lambda *x: subprocess.run([sys.executable, "scripts/threshold.py", tmp_path / "s.json", tmp_path / "mix.jsonl",  # noqa: E731
+                                   "0.1", "--benign", tmp_path / "b.json", *x], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=60)
+    assert float(d().stdout) == pytest.approx(0.75 * (-1 + 0.1 * 2) + 0.25 * -2)  # -1.1
+    assert float(d("--benign_level", "pku").stdout) == pytest.approx(-1 + 0.75 * 0.1 * 2)  # -0.85
+    (tmp_path / "mix.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    bad = d()
+    assert bad.returncode != 0 and "needs a 'source'" in bad.stderr and not bad.stdout

@@ -1,0 +1,47 @@
+"""The constraint threshold d of scripts/experiment_real.sh, from the cost model's held-out statistics and the RL
+prompt mix (README "The constraint" and the experiment's "Threshold d"):
+
+    d = f_harmful * (c_safe + p * (c_unsafe - c_safe)) + (1 - f_harmful) * c_benign
+
+the mean cost of a policy that answers the harmful prompts (share f_harmful of the mix) safely but for a share p, and
+the benign ones as the held-out benign answers are written (their mean cost c_benign). --benign_level pku reads the
+benign prompts at c_safe (runs 1-4), which reduces to d = c_safe + f_harmful * p * (c_unsafe - c_safe).
+
+    python scripts/threshold.py OUT/scores_cost/preference.json OUT/data/prompts_mix_train.jsonl 0.10 \\
+        --benign OUT/scores_cost_hh/preference.json       # prints d; the arithmetic goes to stderr
+"""
+import argparse
+import json
+import sys
+
+
+def threshold(c_safe, c_unsafe, f_harmful, p, c_benign=None):
+    """-> d; c_benign None: the benign prompts at c_safe."""
+    c_benign = c_safe if c_benign is None else c_benign
+    return f_harmful * (c_safe + p * (c_unsafe - c_safe)) + (1 - f_harmful) * c_benign
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scores", help="preference.json of the cost model on held-out harmful-prompt pairs")
+    ap.add_argument("prompts", help="the RL prompt mix (rows tagged source = pku | hh)")
+    ap.add_argument("p", type=float, help="the share of harmful prompts a policy may answer unsafely")
+    ap.add_argument("--benign", default="", help="preference.json of the cost model on held-out benign answers")
+    ap.add_argument("--benign_level", choices=("hh", "pku"), default="hh")
+    a = ap.parse_args(argv)
+    s = json.load(open(a.scores))
+    rows = [json.loads(line) for line in open(a.prompts)]
+    if not rows or any("source" not in r for r in rows):
+        raise SystemExit(f"error: {a.prompts}: every row needs a 'source' (pku | hh)")
+    f = sum(r["source"] == "pku" for r in rows) / len(rows)
+    cs, cu = s["safe_score_mean"], s["unsafe_score_mean"]
+    cb = json.load(open(a.benign))["safe_score_mean"] if a.benign_level == "hh" else cs
+    d = threshold(cs, cu, f, a.p, cb)
+    print(f"{d:.3f}")
+    print(f"[experiment] d = f_harmful * (c_safe + p * (c_unsafe - c_safe)) + (1 - f_harmful) * c_benign = {f:.3f} * "
+          f"({cs:.3f} + {a.p} * ({cu:.3f} - {cs:.3f})) + {1 - f:.3f} * {cb:.3f} = {d:.3f}"
+          + (" (benign prompts at c_safe)" if a.benign_level == "pku" else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
