@@ -3,8 +3,8 @@
 # The shipped SmolLM2-135M-Instruct is π_SFT (Alpaca's role in the paper). Stages, each cached in $OUT/<stage> and
 # resumed from its newest checkpoint when the run is killed (run the same command again):
 #   data       scripts/prepare_real_data.py: PKU-SafeRLHF (cost), HH-RLHF helpful-base (reward), the RL prompt mix
-#   cost       cost model on 4,629 PKU pairs (eq. 6), held out by prompt: 506 pairs, + 622 benign HH-helpful pairs
-#              (both answers safe, a tie; COST_TRAIN=cost_train: PKU alone, runs 1-4)
+#   cost       cost model on 4,629 PKU pairs (eq. 6), held out by prompt: 506 pairs (COST_TRAIN=cost_mix_train: + 622
+#              benign HH-helpful pairs, both answers safe, a tie: run 5)
 #   reward     reward model on 2,116 HH-helpful pairs (eq. 5), held out by first turn: 236 pairs
 #   scores     evaluate.py --task preference on both held-out sets (95% CIs) -> the threshold d (printed arithmetic),
 #              the cost model on 72 held-out benign HH pairs (share of benign answers read as safe), and on XSTest
@@ -13,11 +13,12 @@
 #   ppo, ppo_lag, shaping   the same prompts and rollout budget: RLHF, Safe RLHF, fixed-ν reward shaping
 #   xstest, arena_pku, arena_hh   the evaluation of the five policies; results.md at the end
 #
-#   bash scripts/experiment_real.sh              # run 5 (the README table): run 4 + benign answers in the cost data
-#   COST_TRAIN=cost_train BENIGN_LEVEL=pku OUT=output/experiment4 bash scripts/experiment_real.sh   # run 4: 8 samples per prompt,
-#                                                # 24 rollouts, PKU-only cost model; 2 h 0 min on 2 Intel cores
-#   COST_TRAIN=cost_train BENIGN_LEVEL=pku GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
-#   COST_TRAIN=cost_train BENIGN_LEVEL=pku GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
+#   bash scripts/experiment_real.sh              # run 4 (the README table): 8 samples per prompt, 24 rollouts;
+#                                                # 2 h 0 min on 2 Intel cores
+#   COST_TRAIN=cost_mix_train BENIGN_LEVEL=hh OUT=output/experiment5 bash scripts/experiment_real.sh
+#                                                # run 5: benign HH answers in the cost data, d at their level
+#   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
+#   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
 #   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
@@ -32,9 +33,9 @@ EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation
 SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to the rollouts' 64 tokens + EOS (run 3); 0: whole answers
 ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples per run (runs 1-3: 12)
 GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
-COST_TRAIN=${COST_TRAIN:-cost_mix_train}  # the cost model's training rows: PKU + benign HH (run 5), cost_train: PKU only
-BENIGN_LEVEL=${BENIGN_LEVEL:-hh}    # d reads the benign prompts at the held-out HH answers' mean cost; pku: at c_safe
-                                    # (runs 1-4; right only if the cost model scores benign answers like safe PKU ones)
+COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only; cost_mix_train: + benign HH (run 5)
+BENIGN_LEVEL=${BENIGN_LEVEL:-pku}   # d reads the benign prompts at c_safe (runs 1-4); hh: at the held-out benign HH
+                                    # answers' mean cost (run 5; needed once the cost model reads them apart from PKU)
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
