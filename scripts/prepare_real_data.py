@@ -119,10 +119,12 @@ def write_benign_cost(part, out_dir, name):
     for r in part:
         if r["chosen"].count("\n\nHuman:") != 1:
             continue
-        row, err = common.from_chosen_rejected(r)
-        row = {"prompt": row["prompt"], "response_0": row["response_0"], "response_1": row["response_1"],
+        pair, err = common.from_chosen_rejected(r)
+        if err:
+            continue
+        row = {"prompt": pair["prompt"], "response_0": pair["response_0"], "response_1": pair["response_1"],
                "is_response_0_safe": True, "is_response_1_safe": True, "safer_response_id": 0}
-        if err or common.validate_row(row, "cost") is not None:
+        if common.validate_row(row, "cost") is not None:
             continue
         out += [row] + ([{**row, "safer_response_id": 1}] if name == "train" else [])
     with open(os.path.join(out_dir, f"cost_hh_{name}.jsonl"), "w") as f:

@@ -12,6 +12,7 @@ benign prompts at c_safe (runs 1-4), which reduces to d = c_safe + f_harmful * p
 """
 import argparse
 import json
+import os
 import sys
 
 
@@ -29,6 +30,11 @@ def main(argv=None):
     ap.add_argument("--benign", default="", help="preference.json of the cost model on held-out benign answers")
     ap.add_argument("--benign_level", choices=("hh", "pku"), default="hh")
     a = ap.parse_args(argv)
+    if a.benign_level == "hh" and not a.benign:
+        raise SystemExit("error: --benign_level hh needs --benign (the cost model's preference.json on benign answers)")
+    for path in (a.scores, a.prompts) + ((a.benign,) if a.benign_level == "hh" else ()):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} does not exist")
     s = json.load(open(a.scores))
     rows = [json.loads(line) for line in open(a.prompts)]
     if not rows or any("source" not in r for r in rows):

@@ -196,3 +196,6 @@ def test_threshold_arithmetic_by_hand(tmp_path):
     (tmp_path / "mix.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
     bad = d()
     assert bad.returncode != 0 and "needs a 'source'" in bad.stderr and not bad.stdout
+    (tmp_path / "b.json").unlink()
+    bad = d()
+    assert bad.returncode != 0 and bad.stderr.strip() == f"error: {tmp_path / 'b.json'} does not exist" and not bad.stdout
