@@ -82,10 +82,17 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(sft_reference, tmp_path):
     saved = common.checkpoint_dirs(out)[-1]
     stopped = int(saved.rsplit("-", 1)[1])
     assert metrics(out)[-1]["step"] == stopped  # every logged step is in the checkpoint
-    # resume the stopped run to the reference's length (the schedule follows the new max_steps)
-    run("sft.py", "--output_dir", out, *SFT[:1], stopped + 2, *SFT[2:], "--resume")
+    # resume with the same schedule (400 steps; another --max_steps is refused) and stop it the same way again:
+    # the log continues from the checkpoint without a gap or a repeated step
+    p = start("sft.py", "--output_dir", out, *SFT[:1], 400, *SFT[2:], "--resume")
+    t0 = time.time()
+    while int(common.checkpoint_dirs(out)[-1].rsplit("-", 1)[1]) <= stopped:
+        assert p.poll() is None and time.time() - t0 < TIMEOUT, output_of(p)[-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=TIMEOUT) == 143 and "[resume] continuing from" in output_of(p)
     steps = [r["step"] for r in metrics(out)]
-    assert steps == list(range(1, stopped + 3))
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > stopped
 
 
 def test_ppo_lagrangian_sigkill_then_resume_is_bitwise_identical(score_models, sft_model, tmp_path):
