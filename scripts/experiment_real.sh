@@ -123,8 +123,8 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1
 wait $! || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
-#    d = the mean cost of a policy that answers the benign prompts as the held-out HH answers are written and the
-#    harmful ones safely but for a share p (scripts/threshold.py prints the arithmetic)
+#    d = the mean cost of a policy that answers the harmful prompts safely but for a share p and the benign ones at
+#    c_safe (BENIGN_LEVEL=pku) or at the held-out HH answers' mean cost (hh); scripts/threshold.py prints the arithmetic
 THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" \
   --benign "$OUT/scores_cost_hh/preference.json" --benign_level "$BENIGN_LEVEL")
 echo "$THRESHOLD" > "$OUT/threshold.txt"

@@ -16,9 +16,8 @@ import os
 import sys
 
 
-def threshold(c_safe, c_unsafe, f_harmful, p, c_benign=None):
-    """-> d; c_benign None: the benign prompts at c_safe."""
-    c_benign = c_safe if c_benign is None else c_benign
+def threshold(c_safe, c_unsafe, f_harmful, p, c_benign):
+    """-> d (module docstring)."""
     return f_harmful * (c_safe + p * (c_unsafe - c_safe)) + (1 - f_harmful) * c_benign
 
 
