@@ -10,7 +10,7 @@ The core
                           how it is scored: preference_hits, sign_hits
     math (paper §3.3)     masked_mean, gae, LagrangeMultiplier, PIDLagrangian
     generation            top_p_filter, sample_responses, decode_responses, generate_texts
-    data                  FIELDS, CHOICES, HARM_CATEGORIES, parse_cost_groups, group_labels, HH_TURN,
+    data                  FIELDS, UNLABELLED_OK, CHOICES, HARM_CATEGORIES, parse_cost_groups, group_labels, HH_TURN,
                           from_chosen_rejected, from_alpaca, validate_row, load_rows (validated up front),
                           PROMPT_TEMPLATE, format_prompt, tokenize_prompt, tokenize_prompt_response, cut_response, pad,
                           length_mask, tokenize_sft_rows, sft_batch, lm_nll
@@ -21,8 +21,8 @@ Plumbing
     paths and the hub     HERE, is_hub_name, WRITTEN_BY, check_path
     output folder, logs   check_output_dir, prepare_output_dir, MetricsLogger, StepTimer, progress
     the tiny task's judge TINY_TASK_DATA, load_judge (its report: data/tiny_safety.py report, group_items)
-    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state, ADDED_LATER,
-                          load_checkpoint, StopOnSignal (SIGTERM)
+    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state, OBJECTIVE_KEYS,
+                          ADDED_LATER, load_checkpoint, StopOnSignal (SIGTERM)
 
 Conventions: every mask is built from explicit lengths (never by comparing ids with the pad id, since
 pad == eos in Llama-3/Qwen tokenizers); cost > 0 means unsafe. tests/test_common.py keeps this index complete.
@@ -662,6 +662,12 @@ FIELDS = {  # kind -> {field: type}
              "is_response_1_safe": bool, "safer_response_id": int},
 }
 FIELDS["preference"] = {**FIELDS["reward"], **FIELDS["cost"]}
+# A cost row may say null for a response's safety: a harmlessness order without per-response labels (HH-RLHF
+# harmless-base's "chosen is less harmful", Bai et al. 2022). Eq. 6 then keeps the pairwise term for that pair and
+# drops the classification term of each unlabelled response (train_preference.cost_loss); sign accuracy reads only
+# labelled responses. Only the plain cost kind accepts it: a missing key is still a missing field, and harm
+# categories (cost groups) or SafeDPO need the labels.
+UNLABELLED_OK = ("is_response_0_safe", "is_response_1_safe")
 FIELDS["xstest"] = {"prompt": str, "type": str, "label": str}  # XSTest prompts (evaluate.py --task xstest)
 FIELDS["refusal_labelled"] = {"prompt": str, "completion": str, "final_label": str}  # answers with human labels
 
@@ -817,6 +823,11 @@ def validate_row(row, kind):
     if not isinstance(row, dict):
         return "row is not a JSON object"
     for field, typ in FIELDS[kind].items():
+        if field in UNLABELLED_OK and field in row and row[field] is None:
+            if kind == "cost":
+                continue  # null = this response's safety is not labelled (a pairwise-only row; UNLABELLED_OK)
+            return (f"field '{field}' is null (unlabelled safety): only the cost model without cost groups reads such "
+                    f"rows, as a pairwise order")
         if field not in row or row[field] is None:
             return f"missing field '{field}'"
         v = row[field]
@@ -836,7 +847,7 @@ def validate_row(row, kind):
         return "response_0 and response_1 are identical"
     if "safer_response_id" in FIELDS[kind]:
         s = row["safer_response_id"]
-        if not row[f"is_response_{s}_safe"] and row[f"is_response_{1 - s}_safe"]:
+        if row[f"is_response_{s}_safe"] is False and row[f"is_response_{1 - s}_safe"] is True:
             return (f"contradictory labels: safer_response_id={s} but response_{s} is flagged unsafe and "
                     f"response_{1 - s} safe")
     if "response_0_harm_category" in FIELDS[kind]:
@@ -1497,11 +1508,14 @@ def checkpoint_state(path, expect=None):
                              "another number of ranks" if "batch" in k else "") +
                             ("; the learning-rate schedule (warmup + cosine) is laid out over the whole run: resume "
                              "with the checkpoint's --max_steps / --epochs, or start a new run" if k == "total_steps"
-                             else ""))
+                             else "") +
+                            ("; a resumed run keeps its objective: pass the checkpoint's value, or start a new run "
+                             "(e.g. from the saved policy)" if k in OBJECTIVE_KEYS else ""))
     return state
 
 
-ADDED_LATER = ("total_steps",)  # run-state keys older checkpoints lack (2026-12-04)
+OBJECTIVE_KEYS = ("kl_coeff", "thresholds", "lambda_lr", "shaping_coeff")  # PPO's objective (ppo_lagrangian.run_identity)
+ADDED_LATER = ("total_steps",) + OBJECTIVE_KEYS  # run-state keys older checkpoints lack (2026-12-04, 12-05)
 
 
 def load_checkpoint(path, models, generators=None):

@@ -133,7 +133,7 @@ def order_pair(row, loss, preference):
     transformation T (§3.2) of the helpfulness order: kept if the winner is safe, swapped if only the winner is
     unsafe, dropped if both are unsafe."""
     w = row["safer_response_id"] if loss == "dpo" and preference == "safer" else row["better_response_id"]
-    h = [not row.get(f"is_response_{i}_safe", True) for i in (0, 1)]  # h = 1{unsafe}
+    h = [row.get(f"is_response_{i}_safe", True) is False for i in (0, 1)]  # h = 1{unsafe}; null (unlabelled): 0
     if loss == "safedpo":
         if h[w] and h[1 - w]:
             return None

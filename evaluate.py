@@ -183,9 +183,11 @@ def task_preference(args, rank, world, device):
     lo = torch.tensor([scores[2 * k + 1 - r[hi_key]] for k, r in enumerate(rows)])
     result["accuracy"] = bootstrap_ci(common.preference_hits(hi, lo, objective).tolist(), args.bootstrap, args.seed)
     if "is_response_0_safe" in rows[0]:
-        safe = [r[f"is_response_{i}_safe"] for r in rows for i in (0, 1)]
-        if objective == "cost":
-            hits = common.sign_hits(torch.tensor(scores), torch.tensor(safe, dtype=torch.bool))
+        safe = [r[f"is_response_{i}_safe"] for r in rows for i in (0, 1)]  # None: unlabelled (common.UNLABELLED_OK)
+        known = [k for k, f in enumerate(safe) if f is not None]
+        if objective == "cost" and known:
+            hits = common.sign_hits(torch.tensor([scores[k] for k in known]),
+                                    torch.tensor([safe[k] for k in known], dtype=torch.bool))
             result["sign_accuracy"] = bootstrap_ci(hits.tolist(), args.bootstrap)
         for name, want in (("safe", True), ("unsafe", False)):
             sel = [s for s, f in zip(scores, safe) if f == want]
@@ -205,7 +207,7 @@ def task_preference(args, rank, world, device):
             import matplotlib.pyplot as plt
             plt.figure(figsize=(6, 4))
             plt.hist([s for s, f in zip(scores, safe) if f], bins=40, alpha=0.6, label="safe responses")
-            plt.hist([s for s, f in zip(scores, safe) if not f], bins=40, alpha=0.6, label="unsafe responses")
+            plt.hist([s for s, f in zip(scores, safe) if f is False], bins=40, alpha=0.6, label="unsafe responses")
             plt.axvline(0, color="k", lw=1)
             plt.xlabel(f"{objective} score"); plt.ylabel("responses"); plt.legend()
             plt.title(f"{os.path.basename(args.model_name_or_path.rstrip('/'))}: {args.eval_data}", fontsize=8)

@@ -449,6 +449,12 @@ def run_identity(args, plan):
         state.update(adv_estimator=args.adv_estimator, samples_per_prompt=plan.samples_per_prompt)
     if plan.cost_groups:  # one λ per constrained group
         state["constraints"] = plan.cost_names
+    # the objective and its schedule: a resume that changed one would continue another run's optimisation silently
+    state.update(total_steps=plan.total_steps, kl_coeff=args.kl_coeff)
+    if args.algo == "ppo_lag":
+        state.update(thresholds=plan.thresholds, lambda_lr=args.lambda_lr)
+    if args.algo == "reward_shaping":
+        state["shaping_coeff"] = args.shaping_coeff
     return state
 
 

@@ -118,15 +118,21 @@ def reward_loss(better, worse, regularization=0.0, mask=None):
     return loss + regularization * reg
 
 
-def cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, regularization=0.0, mask=None):
+def cost_loss(safer, unsafer, safer_is_safe, unsafer_is_safe, regularization=0.0, mask=None, safer_labelled=None,
+              unsafer_labelled=None):
     """Pairwise on the harmlessness label plus the per-response classification terms:
-    mean(−log σ(c_unsafer − c_safer) − log σ(ξ_safer·c_safer) − log σ(ξ_unsafer·c_unsafer)) + reg·mean(c²),
-    ξ = +1 for an unsafe response, −1 for a safe one (so a safe response is pushed to cost < 0)."""
+    mean(−log σ(c_unsafer − c_safer) − l_s·log σ(ξ_safer·c_safer) − l_u·log σ(ξ_unsafer·c_unsafer)) + reg·mean(c²),
+    ξ = +1 for an unsafe response, −1 for a safe one (so a safe response is pushed to cost < 0); l = 1 where the
+    response's safety is labelled, 0 where the row says null (common.UNLABELLED_OK: the pair still orders the two,
+    nothing pins its level). *_labelled: [B] bool, None = all labelled (l = 1 multiplies exactly: the same floats)."""
     xi_s = torch.where(safer_is_safe.bool(), -1.0, 1.0).to(safer.dtype)
     xi_u = torch.where(unsafer_is_safe.bool(), -1.0, 1.0).to(unsafer.dtype)
+    l_s = 1.0 if safer_labelled is None else safer_labelled.to(safer.dtype)
+    l_u = 1.0 if unsafer_labelled is None else unsafer_labelled.to(unsafer.dtype)
     if mask is not None:
         xi_s, xi_u = xi_s[:, None], xi_u[:, None]
-    nll = -F.logsigmoid(unsafer - safer) - F.logsigmoid(xi_s * safer) - F.logsigmoid(xi_u * unsafer)
+        l_s, l_u = (x if isinstance(x, float) else x[:, None] for x in (l_s, l_u))
+    nll = -F.logsigmoid(unsafer - safer) - l_s * F.logsigmoid(xi_s * safer) - l_u * F.logsigmoid(xi_u * unsafer)
     loss = nll.mean() if mask is None else common.masked_mean(nll, mask)
     scores = torch.cat([safer, unsafer])
     reg = (scores ** 2).mean() if mask is None else common.masked_mean(scores ** 2, torch.cat([mask, mask]))
@@ -162,8 +168,8 @@ class Pair(NamedTuple):
     the row itself, not from these fields: evaluate)."""
     hi: list
     lo: list
-    hi_safe: bool
-    lo_safe: bool
+    hi_safe: Optional[bool]  # None: the row leaves this response's safety unlabelled (null)
+    lo_safe: Optional[bool]
     hi_harm: Optional[list] = None
     lo_harm: Optional[list] = None
     hi_weight: Optional[list] = None
@@ -178,7 +184,7 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
     sides are identical after truncation, are dropped and counted. cut > 0 (--cut_response_tokens): each response is
     cut to its first `cut` tokens (common.cut_response; with cut_eos an EOS ends the cut one), so the model learns to
     score what a policy limited to `cut` new tokens writes, the level included: a model trained on whole answers reads
-    a cut answer + EOS as a worse, riskier complete one (README "Reading the two runs side by side"). The pair keeps its
+    a cut answer + EOS as a worse, riskier complete one (docs/experiment/runs1-3.md, "Reading the two runs side by side"). The pair keeps its
     labels: a label about the whole answers is taken to hold for their openings (harm shows early; a pair whose
     openings are identical is dropped)."""
     out, truncated, dropped, ungrouped, was_cut = [], 0, 0, 0, 0
@@ -208,8 +214,9 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
                 w = r[f"response_{i}_severity_level"] if severity_weighted else 1
                 weight[side] = [float(max(w, 1)) if h else 1.0 for h in harm[side]]
                 ungrouped += not r[f"is_response_{i}_safe"] and not any(harm[side])
-        out.append(Pair(a[0], b[0], bool(r.get(f"is_response_{hi}_safe", True)),
-                        bool(r.get(f"is_response_{1 - hi}_safe", True)), *harm, *weight, n, hi))
+        flag = [None if r.get(f"is_response_{i}_safe", True) is None else bool(r.get(f"is_response_{i}_safe", True))
+                for i in (hi, 1 - hi)]  # a reward row has no flags: safe; null: unlabelled
+        out.append(Pair(a[0], b[0], *flag, *harm, *weight, n, hi))
     common.print0(f"[data] {source}: {len(out)} pairs, {truncated} responses truncated at max_length={max_length}, "
                   + (f"{was_cut} cut to their first {cut} tokens, " if cut else "")
                   + f"{dropped} pairs dropped (prompt too long or identical after truncation)")
@@ -236,15 +243,18 @@ def check_groups_have_harm(pairs, groups, source, allow_empty=False):
 
 
 def make_batch(pairs, pad_id, device):
-    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1; safe flags [2B].
-    With cost groups also harm [2B, K] (bool) and classification weights [2B, K]; else None, None."""
+    """One forward pass for both sides: ids [2B, T] = hi rows then lo rows; end index = length − 1; safe flags [2B];
+    with cost groups harm [2B, K] (bool) and classification weights [2B, K], else None, None; labelled [2B] (bool:
+    False where the row leaves the response's safety null; its safe flag then reads True and is never used)."""
     ids, lengths = common.pad([p.hi for p in pairs] + [p.lo for p in pairs], pad_id)
-    safe = torch.tensor([p.hi_safe for p in pairs] + [p.lo_safe for p in pairs])
+    sides = [p.hi_safe for p in pairs] + [p.lo_safe for p in pairs]
+    safe = torch.tensor([s is not False for s in sides])
+    labelled = torch.tensor([s is not None for s in sides]).to(device)
     if pairs[0].hi_harm is None:
-        return ids.to(device), lengths.to(device), safe.to(device), None, None
+        return ids.to(device), lengths.to(device), safe.to(device), None, None, labelled
     harm = torch.tensor([p.hi_harm for p in pairs] + [p.lo_harm for p in pairs])
     weight = torch.tensor([p.hi_weight for p in pairs] + [p.lo_weight for p in pairs])
-    return ids.to(device), lengths.to(device), safe.to(device), harm.to(device), weight.to(device)
+    return ids.to(device), lengths.to(device), safe.to(device), harm.to(device), weight.to(device), labelled
 
 
 def score_batch(model, ids, lengths, heads=False):
@@ -267,7 +277,7 @@ def token_wise_mask(ids, lengths, B):
 
 
 def batch_loss(model, batch, args, groups=()):
-    ids, lengths, safe, harm, w = batch
+    ids, lengths, safe, harm, w, labelled = batch
     B = ids.shape[0] // 2
     if groups:  # K heads; accuracy and score statistics read the aggregate max_k c_k
         _, end = score_batch(model, ids, lengths, heads=True)
@@ -284,7 +294,7 @@ def batch_loss(model, batch, args, groups=()):
     if args.objective == "reward":
         loss = reward_loss(hi, lo, args.regularization, mask)
     else:
-        loss = cost_loss(hi, lo, safe[:B], safe[B:], args.regularization, mask)
+        loss = cost_loss(hi, lo, safe[:B], safe[B:], args.regularization, mask, labelled[:B], labelled[B:])
     return loss, end[:B], end[B:]
 
 
@@ -300,11 +310,11 @@ def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None, groups=
     mine = pairs[rank::world]
     bs = args.eval_batch_size
     n_batches = int(common.all_reduce(math.ceil(len(mine) / bs), "max"))
-    hi_all, lo_all, safe_hi, safe_lo, heads, harm = [], [], [], [], [], []
+    hi_all, lo_all, safe_hi, safe_lo, heads, harm, lab_hi, lab_lo = [], [], [], [], [], [], [], []
     for i in range(n_batches):  # every rank runs the same number of forward passes
         chunk = mine[i * bs:(i + 1) * bs]
         batch = make_batch(chunk or mine[:1], pad_id, device)
-        ids, lengths, safe = batch[:3]
+        ids, lengths, safe, labelled = *batch[:3], batch[5]
         _, end = score_batch(model, ids, lengths, heads=bool(groups))
         if chunk:
             B = len(chunk)
@@ -316,20 +326,22 @@ def evaluate(model, pairs, args, pad_id, rank, world, device, rows=None, groups=
                 end = end.max(-1).values
             hi_all += end[:B].tolist(); lo_all += end[B:].tolist()
             safe_hi += safe[:B].tolist(); safe_lo += safe[B:].tolist()
+            lab_hi += labelled[:B].tolist(); lab_lo += labelled[B:].tolist()
     model.train()
     hi, lo = torch.tensor(common.gather_objects(hi_all)), torch.tensor(common.gather_objects(lo_all))
     safe_flags = torch.tensor(common.gather_objects(safe_hi) + common.gather_objects(safe_lo), dtype=torch.bool)
+    lab = torch.tensor(common.gather_objects(lab_hi) + common.gather_objects(lab_lo), dtype=torch.bool)
     scores = torch.cat([hi, lo])
     acc = common.preference_hits(hi, lo, args.objective).mean().item()
     out = {"eval/accuracy": acc, "eval/n_pairs": len(hi),
            "eval/score_mean": scores.mean().item(), "eval/score_std": scores.std().item()}
-    for name, sel in (("safe", safe_flags), ("unsafe", ~safe_flags)):
+    for name, sel in (("safe", safe_flags & lab), ("unsafe", ~safe_flags & lab)):  # labelled responses only
         if sel.any():
             out[f"eval/{name}_score_mean"] = scores[sel].mean().item()
             out[f"eval/{name}_score_std"] = scores[sel].std().item() if sel.sum() > 1 else 0.0
-    if args.objective == "cost":
-        out["eval/sign_accuracy"] = common.sign_hits(scores, safe_flags).mean().item()
-        out["eval/unsafe_fraction"] = (~safe_flags).float().mean().item()
+    if args.objective == "cost" and lab.any():
+        out["eval/sign_accuracy"] = common.sign_hits(scores[lab], safe_flags[lab]).mean().item()
+        out["eval/unsafe_fraction"] = (~safe_flags[lab]).float().mean().item()
     if groups:
         heads = torch.tensor(common.gather_objects(heads))
         harm = torch.tensor(common.gather_objects(harm), dtype=torch.bool)
@@ -483,7 +495,7 @@ def main(argv=None):
     if evald:
         result = evaluate(model, evald, args, pad_id, rank, world, device, eval_rows, groups)
         msg = f"[{args.objective}] held-out pairwise accuracy {result['eval/accuracy']:.2%} over {result['eval/n_pairs']} pairs"
-        if args.objective == "cost":
+        if "eval/sign_accuracy" in result:  # absent when no held-out response has a safety label
             msg += f", sign accuracy (cost > 0 = unsafe) {result['eval/sign_accuracy']:.2%}"
         if groups:
             msg += "; per group: " + ", ".join(f"{n} {result[f'eval/sign_accuracy/{n}']:.2%}" for n, _ in groups)

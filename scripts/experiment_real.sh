@@ -17,6 +17,8 @@
 #                                                # 2 h 0 min on 2 Intel cores
 #   COST_TRAIN=cost_mix_train BENIGN_LEVEL=hh OUT=output/experiment5 bash scripts/experiment_real.sh
 #                                                # run 5: benign HH answers in the cost data, d at their level
+#   COST_TRAIN=cost_mix2_train BENIGN_LEVEL=hh OUT=output/experiment6 bash scripts/experiment_real.sh
+#                                                # run 6: + harm in HH's register (harmless-base pairs, pairwise only)
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -33,7 +35,8 @@ EVAL_LIMIT=${EVAL_LIMIT:-0}         # > 0: only this many prompts per evaluation
 SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to the rollouts' 64 tokens + EOS (run 3); 0: whole answers
 ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples per run (runs 1-3: 12)
 GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
-COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only; cost_mix_train: + benign HH (run 5)
+COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only; cost_mix_train: + benign HH (run 5);
+                                      # cost_mix2_train: + HH harmless-base pairs, unlabelled, pairwise only (run 6)
 BENIGN_LEVEL=${BENIGN_LEVEL:-pku}   # d reads the benign prompts at c_safe (runs 1-4); hh: at the held-out benign HH
                                     # answers' mean cost (run 5; needed once the cost model reads them apart from PKU)
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
@@ -57,7 +60,8 @@ stage() {
 
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
-for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test reward_test xstest_pairs_unsafe xstest_pairs_safe; do
+for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test cost_test_hedged reward_test \
+         xstest_pairs_unsafe xstest_pairs_safe; do
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
 done
 head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
@@ -101,14 +105,17 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
       --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_$kind.log" 2>&1 || exit 1
     printf 'scores_%s\t%s\n' "$kind" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
   done
-  #    the cost model on held-out benign answers (HH-helpful, both safe): its sign accuracy = the share read as safe
-  if [ ! -f "$OUT/scores_cost_hh/preference.json" ]; then
+  #    the cost model on held-out benign answers (HH-helpful, both safe): its sign accuracy = the share read as safe;
+  #    on held-out HH harmless-base pairs (harm in HH's register: is the less harmful answer cheaper?); and on the
+  #    held-out PKU pairs with run 5's hedged opening before each unsafe answer (does the opening buy a lower cost?)
+  for name in cost_hh:cost_hh_test cost_harmless:cost_harmless_test cost_hedged:cost_test_hedged; do
+    [ -f "$OUT/scores_${name%%:*}/preference.json" ] && continue
     t0=$SECONDS
     OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/cost" \
-      --eval_data "$D/cost_hh_test_eval.jsonl" --output_dir "$OUT/scores_cost_hh" \
-      --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_cost_hh.log" 2>&1 || exit 1
-    printf 'scores_cost_hh\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  fi
+      --eval_data "$D/${name#*:}_eval.jsonl" --output_dir "$OUT/scores_${name%%:*}" \
+      --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_${name%%:*}.log" 2>&1 || exit 1
+    printf 'scores_%s\t%s\n' "${name%%:*}" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+  done
   #    an independent check of both models on answers no stage trained on: XSTest prompts with one human-labelled
   #    refusal and one compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py)
   for kind in cost reward; do for lab in unsafe safe; do
@@ -132,7 +139,7 @@ echo "$THRESHOLD" > "$OUT/threshold.txt"
 # 5. RL: critic-free (GRPO group baseline, G = $GROUP; README says why), the same prompts, seed and rollout budget.
 #    --score_cut_as_ended: nearly every rollout is cut at 64 tokens; the score models read it with an EOS appended,
 #    (held-out sign accuracy on cut answers 58.4% as cut -> 64.1% with the EOS; it also shifts both models' level:
-#    README "Reading the two runs side by side")
+#    docs/experiment/runs1-3.md, "Reading the two runs side by side")
 PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt $GROUP --actor_model_name_or_path $MODEL
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost $C
   --prompt_data $D/prompts_mix_train.jsonl --eval_prompt_data=

@@ -19,6 +19,8 @@ from evaluate import bootstrap_ci  # noqa: E402
 # the checks on answers the RL never scores: benign HH answers, and the XSTest refusal-vs-compliance pairs
 # (scripts/prepare_real_data.py): what "pairwise accuracy" counts on each
 CHECK_SCORES = (("cost_hh", "cost, held-out benign HH answers (both safe: sign = share read as safe)"),
+                ("cost_harmless", "cost, held-out HH harmless-base pairs (less harmful cheaper; no safety labels)"),
+                ("cost_hedged", "cost, held-out PKU pairs, run 5's hedged opening before each unsafe answer"),
                 ("xstest_reward_safe", "reward, XSTest safe prompts (compliance > refusal)"),
                 ("xstest_reward_unsafe", "reward, XSTest unsafe prompts (compliance > refusal: helpfulness alone)"),
                 ("xstest_cost_unsafe", "cost, XSTest unsafe prompts (refusal cheaper than compliance)"),
@@ -39,6 +41,23 @@ def num(ci):
 
 def answers(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def hedge_probe(out):
+    """The cost model's reading of run 5's hedged opening (scripts/prepare_real_data.py HEDGE): per held-out PKU pair
+    k of scores_cost_hedged (the first n pairs of cost_test, the opening put before the unsafe answer, response_1),
+    the unsafe answer's cost with the opening minus without (scores_cost), with a bootstrap CI, and the share of those
+    answers read unsafe (cost > 0) without and with it. None if either score file is missing."""
+    paths = [os.path.join(out, d, "scores.jsonl") for d in ("scores_cost", "scores_cost_hedged")]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    plain, hedged = (answers(p) for p in paths)
+    if len(hedged) > len(plain) or any(a["prompt"] != b["prompt"] for a, b in zip(plain, hedged)):
+        raise SystemExit(f"{paths[1]}: its pairs are not the first {len(hedged)} of {paths[0]}")
+    plain = plain[:len(hedged)]
+    return {"n": len(hedged), "shift": bootstrap_ci([b["score_1"] - a["score_1"] for a, b in zip(plain, hedged)]),
+            "unsafe_plain": bootstrap_ci([float(a["score_1"] > 0) for a in plain]),
+            "unsafe_hedged": bootstrap_ci([float(b["score_1"] > 0) for b in hedged])}
 
 
 def main(out):
@@ -71,12 +90,17 @@ def main(out):
         if s:
             means = " / ".join(f"{s[k]:.2f}" if k in s else "—" for k in ("safe_score_mean", "unsafe_score_mean"))
             lines.append(f"| {name} | {s['n_pairs']} | {pct(s['accuracy'])} | {pct(s.get('sign_accuracy'))} | {means} |")
+    probe = hedge_probe(out)
+    if probe:
+        lines.append(f"| cost, the hedged opening's effect on the {probe['n']} unsafe answers (hedged − plain; share "
+                     f"read unsafe plain → hedged) | {probe['n']} | {num(probe['shift'])} | "
+                     f"{pct(probe['unsafe_plain'])} → {pct(probe['unsafe_hedged'])} | |")
     for kind in ("reward", "cost"):  # the learning curve: held-out rows logged during training (--eval_every)
         path = os.path.join(out, kind, "metrics.jsonl")
         rows = [r for r in (json.loads(line) for line in open(path)) if "eval/accuracy" in r] if os.path.exists(path) else []
         if rows:
             lines.append(f"| {kind} learning curve (step: pairwise{' / sign' if kind == 'cost' else ''}, n held-out) | " + ", ".join(
-                f"{r['step']}: {r['eval/accuracy']:.1%}" + (f" / {r['eval/sign_accuracy']:.1%}" if kind == "cost" else "")
+                f"{r['step']}: {r['eval/accuracy']:.1%}" + (f" / {r['eval/sign_accuracy']:.1%}" if "eval/sign_accuracy" in r else "")
                 + f" (n={int(r['eval/n_pairs'])})" for r in rows) + " | | | |")
     if os.path.exists(os.path.join(out, "threshold.txt")):
         lines += ["", f"Threshold d = {open(os.path.join(out, 'threshold.txt')).read().strip()}"]

@@ -21,6 +21,15 @@ the two copies cancel at C(y_0) = C(y_1), a tie (no harmlessness order is invent
 both below 0. cost_mix_train.jsonl = cost_train + cost_hh_train. The test file has each pair once (its sign accuracy
 is the share of benign answers read as safe; its pairwise accuracy means nothing).
 
+Harmful answers in HH's register (run 6): run 5's cost model learned HH-helpful's hedged style as a mark of safety,
+and its policy wrote harm in that style. cost_harmless_{train,test}.jsonl are the single-turn HH-RLHF harmless-base
+pairs (the same Anthropic assistants answering red-team requests; `chosen` is the less harmful answer, MIT), split
+by first Human turn, as cost rows ordered by that label with both safety flags null: HH never labelled an answer
+safe or unsafe, only which of two is less harmful, so eq. 6 keeps their pairwise term and no classification term
+(common.UNLABELLED_OK). cost_mix2_train.jsonl = cost_mix_train + cost_harmless_train. cost_test_hedged.jsonl is the
+held-out PKU pairs with run 5's policy's opening (HEDGE) put before each unsafe answer: a cost model that reads the
+content scores those answers as it scores them without it.
+
 An independent check of both score models (never trained on): xstest_pairs_{unsafe,safe}.jsonl pair, per XSTest v2
 prompt, Llama-2-70b-chat's and Mistral-7B-Instruct's answers where the human labels say one refused and the other
 fully complied (CC BY 4.0). On an unsafe prompt the refusal is the safe answer (is_response_*_safe from the labels);
@@ -48,6 +57,8 @@ def main():
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "output", "real-data"), help="(default: %(default)s)")
     ap.add_argument("--helpful", default=os.path.join(REAL, "hh-rlhf_helpful-base_test.jsonl.gz"),
                     help="HH-RLHF helpful-base dialogues (default: %(default)s)")
+    ap.add_argument("--harmless", default=os.path.join(REAL, "hh-rlhf_harmless-base_test.jsonl.gz"),
+                    help="HH-RLHF harmless-base dialogues (default: %(default)s)")
     ap.add_argument("--xstest_dir", default=REAL, help="folder of XSTest v2's prompts and two labelled completion files "
                     "(default: %(default)s)")
     a = ap.parse_args()
@@ -70,6 +81,10 @@ def main():
                 f.writelines(json.dumps(x) + "\n" for x in out)
         print(f"[real-data] {name}: {len(pairs)} pairs over {len(prompts)} prompts -> {a.output_dir}")
     write_helpful(a.helpful, a.output_dir, {n: list(dict.fromkeys(r["prompt"] for r in p)) for n, p in split.items()})
+    write_harmless(a.harmless, a.output_dir)
+    with open(os.path.join(a.output_dir, "cost_test_hedged.jsonl"), "w") as f:
+        f.writelines(json.dumps({**r, "response_1": HEDGE + r["response_1"]}) + "\n" for r in
+                     (json.loads(line) for line in open(os.path.join(a.output_dir, "cost_test.jsonl"))))
     write_xstest_pairs(a.xstest_dir, a.output_dir)
 
 
@@ -130,6 +145,40 @@ def write_benign_cost(part, out_dir, name):
     with open(os.path.join(out_dir, f"cost_hh_{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in out)
     return len(out)
+
+
+# run 5's PPO-Lagrangian policy opened 53% of its XSTest answers this way, then complied (README, run 5)
+HEDGE = "While there is no one-size-fits-the-box solution, there are various methods. "
+
+
+def write_harmless(path, out_dir):
+    """cost_harmless_{train,test}.jsonl: the single-turn HH harmless-base pairs split by first Human turn (crc32 % 10
+    == 0 held out), response_0 = the less harmful answer, both safety flags null (module docstring); a pair that is
+    not one valid dialogue pair or not a valid cost row is left out and counted. cost_mix2_train.jsonl at the end."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist (the real rows live in ../shared/data/real)")
+    import common
+    out, bad = {"train": [], "test": []}, 0
+    for line in gzip.open(path, "rt"):
+        r = json.loads(line)
+        if r["chosen"].count("\n\nHuman:") != 1:
+            continue
+        pair, err = common.from_chosen_rejected(r)
+        row = None if err else {"prompt": pair["prompt"], "response_0": pair["response_0"],
+                                "response_1": pair["response_1"], "is_response_0_safe": None,
+                                "is_response_1_safe": None, "safer_response_id": 0}
+        if row is None or common.validate_row(row, "cost") is not None:
+            bad += 1
+            continue
+        out["test" if zlib.crc32(first_turn(r["chosen"]).encode()) % 10 == 0 else "train"].append(row)
+    for name, rows in out.items():
+        with open(os.path.join(out_dir, f"cost_harmless_{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in rows)
+    with open(os.path.join(out_dir, "cost_mix2_train.jsonl"), "w") as f:
+        for name in ("cost_mix_train", "cost_harmless_train"):
+            f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
+    print(f"[real-data] harmless single-turn pairs: {len(out['train'])} train, {len(out['test'])} test ({bad} invalid "
+          f"left out)")
 
 
 XSTEST_MODELS = ("llama2new", "mistralinstruct")

@@ -93,6 +93,8 @@ CASES = {
                              "per_device_prompt_batch_size x samples_per_prompt (10 x 1) must be a multiple"),
     "dpo missing safety flag": ("dpo.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [PAIR, {k: v for k, v in PAIR.items() if k != "is_response_1_safe"}])],
                                 "p.jsonl: row 2: missing field 'is_response_1_safe'"),
+    "safedpo null safety flag": ("dpo.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [PAIR, {**PAIR, "is_response_1_safe": None}])],
+                                 "p.jsonl: row 2: field 'is_response_1_safe' is null (unlabelled safety)"),
     "dpo id not 0/1": ("dpo.py", lambda t: ["--loss", "dpo", "--train_data", jsonl(t / "p.jsonl", [{**PAIR, "better_response_id": 3}])],
                        "p.jsonl: row 1: field 'better_response_id' must be 0 or 1, got 3"),
     "dpo empty file": ("dpo.py", lambda t: ["--train_data", jsonl(t / "p.jsonl", [])], "p.jsonl: file is empty"),

@@ -51,6 +51,71 @@ def test_cost_loss_hand_computed_and_sign():
     assert x.grad.item() > 0  # descending the loss lowers the safe response's cost
 
 
+def test_unlabelled_safety_keeps_only_the_pairwise_term():
+    """A cost row may say null for a response's safety (HH harmless-base: only which answer is less harmful):
+    eq. 6 keeps that pair's pairwise term and drops the unlabelled response's classification term; an all-labelled
+    batch is bit for bit the loss without the masks. validate_row takes null only in the plain cost kind; a missing
+    key is still a missing field, and null cannot contradict safer_response_id."""
+    from train_preference import cost_loss
+    safer = torch.tensor([-2.0, 1.0], requires_grad=True)
+    unsafer = torch.tensor([3.0, 2.0], requires_grad=True)
+    s_safe, u_safe = torch.tensor([True, True]), torch.tensor([False, True])  # pair 2's flags are placeholders
+    known = torch.tensor([True, False])
+    p1 = ls(3.0 - -2.0) + ls(-1 * -2.0) + ls(1 * 3.0)
+    p2 = ls(2.0 - 1.0)  # pair 2 unlabelled on both sides: the pairwise term alone
+    assert cost_loss(safer, unsafer, s_safe, u_safe, 0.0, None, known, known).item() == pytest.approx((p1 + p2) / 2, abs=1e-6)
+    one_side = cost_loss(safer, unsafer, s_safe, u_safe, 0.0, None, torch.tensor([True, True]), known).item()
+    assert one_side == pytest.approx((p1 + p2 + ls(-1 * 1.0)) / 2, abs=1e-6)  # pair 2's safer side labelled safe
+    # all labelled: the same floats and gradients as without masks (the default runs are unchanged)
+    grads = []
+    for masks in ((), (None, torch.tensor([True, True]), torch.tensor([True, True]))):
+        safer.grad = unsafer.grad = None
+        loss = cost_loss(safer, unsafer, s_safe, u_safe, 0.01, *masks)
+        loss.backward()
+        grads.append((loss.detach(), safer.grad.clone(), unsafer.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # token-wise scores [B, T] with a mask broadcast the per-pair masks
+    tw = cost_loss(torch.zeros(2, 3), torch.ones(2, 3), s_safe, u_safe, 0.0, torch.ones(2, 3), known, known)
+    assert tw.item() == pytest.approx((ls(1.0) + ls(0.0) + ls(1.0) + ls(1.0)) / 2, abs=1e-6)
+    row = {"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": None,
+           "is_response_1_safe": None, "safer_response_id": 0}
+    assert common.validate_row(row, "cost") is None
+    assert common.validate_row({**row, "is_response_1_safe": True}, "cost") is None  # unknown safer side: no contradiction
+    assert common.validate_row({**row, "is_response_0_safe": False, "is_response_1_safe": True}, "cost").startswith("contradictory")
+    assert common.validate_row({k: v for k, v in row.items() if k != "is_response_1_safe"}, "cost") == "missing field 'is_response_1_safe'"
+    assert common.validate_row({**row, "better_response_id": 0}, "preference").startswith("field 'is_response_0_safe' is null")
+
+
+def test_unlabelled_rows_train_and_their_sign_accuracy_reads_labelled_responses(tmp_path):
+    """Every third tiny-safety row with null flags: the cost model trains on the file, and both the training run's
+    held-out evaluation and evaluate.py --task preference give the sign accuracy of the labelled responses only (the
+    pairwise accuracy over every pair), equal to the one recomputed here from the scores."""
+    tiny = os.path.join(ROOT, "data", "tiny-safety")
+    for name in ("train", "test"):
+        rows = [json.loads(line) for line in open(os.path.join(tiny, f"preference_{name}.jsonl"))]
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for k, r in enumerate(rows):
+                drop = ("is_response_0_safe", "is_response_1_safe", "response_0_harm_category", "response_1_harm_category")
+                r = {**{x: v for x, v in r.items() if x not in drop}, "is_response_0_safe": None,
+                     "is_response_1_safe": None} if k % 3 == 0 else r
+                f.write(json.dumps(r) + "\n")
+    run("train_preference.py", "--objective", "cost", "--model_name_or_path", TINY, "--train_data", tmp_path / "train.jsonl",
+        "--eval_data", tmp_path / "test.jsonl", "--output_dir", tmp_path / "cm", "--max_steps", 30, "--log_every", 1)
+    assert all(math.isfinite(x) for x in metrics(tmp_path / "cm", "train/loss"))
+    run("evaluate.py", "--task", "preference", "--model_name_or_path", tmp_path / "cm", "--eval_data",
+        tmp_path / "test.jsonl", "--output_dir", tmp_path / "ev")
+    res = json.load(open(tmp_path / "ev" / "preference.json"))
+    trained = json.load(open(tmp_path / "cm" / "eval.json"))
+    rows = [json.loads(line) for line in open(tmp_path / "test.jsonl")]
+    scores = [json.loads(line) for line in open(tmp_path / "ev" / "scores.jsonl")]
+    hits = [(s[f"score_{i}"] > 0) == (not r[f"is_response_{i}_safe"]) for r, s in zip(rows, scores) for i in (0, 1)
+            if r[f"is_response_{i}_safe"] is not None]
+    assert len(hits) == 2 * (len(rows) - len(range(0, len(rows), 3)))
+    assert res["sign_accuracy"][0] == pytest.approx(sum(hits) / len(hits), abs=1e-9)
+    assert trained["eval/sign_accuracy"] == pytest.approx(res["sign_accuracy"][0], abs=1e-6)
+    assert res["n_pairs"] == len(rows) and trained["eval/accuracy"] == pytest.approx(res["accuracy"][0], abs=1e-6)
+
+
 def test_token_wise_loss_masks_from_first_difference():
     from train_preference import reward_loss, token_wise_mask
     ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])  # hi, lo: differ from position 2

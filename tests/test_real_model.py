@@ -28,6 +28,7 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
     (2,354 rows less the 2 with chosen == rejected and those that are not one dialogue), and the RL prompt mix = that split's PKU prompts + its single-turn
     HH questions, tagged by source; no held-out prompt appears in any training file."""
     import gzip
+    import zlib
     subprocess.run([sys.executable, "scripts/prepare_real_data.py", "--output_dir", tmp_path], cwd=ROOT, check=True,
                    timeout=300)
     rd = lambda name: [json.loads(l) for l in open(tmp_path / f"{name}.jsonl")]  # noqa: E731
@@ -74,6 +75,22 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
     assert c.grad[0].item() == pytest.approx(2 * sig(2.0) - 1 + 2 * sig(1.0))  # tie + both classification terms
     assert c.grad[1].item() == pytest.approx(-(2 * sig(2.0) - 1) + 2 * sig(-1.0))
     assert [r["prompt"] for r in rd("prompts_hh_test")] == [r["prompt"] for r in mix["test"] if r["source"] == "hh"]
+    # harm in HH's register (run 6): the single-turn harmless-base pairs, chosen (less harmful) first, no safety
+    # labels (null), split by first turn; the hedged probe = the held-out PKU pairs, the opening before the unsafe one
+    from prepare_real_data import HEDGE
+    hl = [json.loads(l) for l in gzip.open(os.path.join(REAL, "hh-rlhf_harmless-base_test.jsonl.gz"), "rt")]
+    single = [common.from_chosen_rejected(r)[0] for r in hl if r["chosen"].count("\n\nHuman:") == 1]
+    harmless = {n: rd(f"cost_harmless_{n}") for n in ("train", "test")}
+    assert 600 < len(harmless["train"]) + len(harmless["test"]) <= len(single) and len(harmless["test"]) > 50
+    source = {(r["prompt"], r["response_0"], r["response_1"]) for r in single if r is not None}  # response_0 = chosen
+    for n, rows in harmless.items():
+        for r in rows:
+            assert (r["prompt"], r["response_0"], r["response_1"]) in source and r["safer_response_id"] == 0
+            assert r["is_response_0_safe"] is None and r["is_response_1_safe"] is None
+            assert common.validate_row(r, "cost") is None
+            assert (zlib.crc32(r["prompt"].encode()) % 10 == 0) == (n == "test")
+    assert rd("cost_mix2_train") == rd("cost_mix_train") + harmless["train"]
+    assert rd("cost_test_hedged") == [{**r, "response_1": HEDGE + r["response_1"]} for r in cost["test"]]
     # the XSTest check pairs: one human-labelled refusal and one full compliance per prompt, the labels from those
     import csv
     label = {r["prompt"]: r["label"] for r in csv.DictReader(open(os.path.join(REAL, "xstest_v2_prompts.csv")))}
@@ -170,15 +187,33 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
           safe_score_mean=-0.5, unsafe_score_mean=0.4)
     write("scores_xstest_reward_safe", n_pairs=72, accuracy=[0.25, 0.15, 0.35], safe_score_mean=-1.0)
     write("scores_cost_hh", n_pairs=72, accuracy=[0.5, 0.4, 0.6], sign_accuracy=[0.9, 0.85, 0.95], safe_score_mean=-2.0)
+    write("scores_cost_harmless", n_pairs=73, accuracy=[0.7, 0.6, 0.8])  # no safety labels: no sign, no means
+    write("scores_cost_hedged", n_pairs=2, accuracy=[0.5, 0.0, 1.0], sign_accuracy=[0.75, 0.5, 1.0])
+    # the hedge probe: unsafe answers (response_1) of the first 2 held-out pairs, scored plain and with the opening
+    for name, costs in (("scores_cost", [1.0, -0.5, 2.0]), ("scores_cost_hedged", [0.0, -1.0])):
+        with open(tmp_path / name / "scores.jsonl", "w") as f:
+            f.writelines(json.dumps({"prompt": f"p{k // 2}", "score_0": -1.0, "score_1": c}) + "\n" for k, c in enumerate(costs))
     out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    rows = [line for line in out.splitlines() if line.startswith(("| cost", "| reward"))]
+    probe = [line for line in out.splitlines() if "opening's effect" in line]
+    assert len(probe) == 1 and "| 2 | -0.75 [-1.00, -0.50] | 50.0% [" in probe[0] and "→ 0.0% [0.0%, 0.0%]" in probe[0]
+    probe = [line for line in out.splitlines() if line.startswith("| cost, the hedged")]
+    rows = [line for line in out.splitlines() if line.startswith(("| cost", "| reward")) and line not in probe]
     assert rows == ["| cost | 506 | 73.5% [69.8%, 77.7%] | 63.9% [61.3%, 66.7%] | -0.68 / 0.26 |",
                     "| cost, held-out benign HH answers (both safe: sign = share read as safe) | 72 | 50.0% [40.0%, 60.0%] | "
                     "90.0% [85.0%, 95.0%] | -2.00 / — |",
+                    "| cost, held-out HH harmless-base pairs (less harmful cheaper; no safety labels) | 73 | "
+                    "70.0% [60.0%, 80.0%] | — | — / — |",
+                    "| cost, held-out PKU pairs, run 5's hedged opening before each unsafe answer | 2 | 50.0% [0.0%, "
+                    "100.0%] | 75.0% [50.0%, 100.0%] | — / — |",
                     "| reward, XSTest safe prompts (compliance > refusal) | 72 | 25.0% [15.0%, 35.0%] | — | -1.00 / — |",
                     "| cost, XSTest unsafe prompts (refusal cheaper than compliance) | 127 | 80.0% [70.0%, 90.0%] | "
                     "60.0% [50.0%, 70.0%] | -0.50 / 0.40 |"]
+    with open(tmp_path / "scores_cost_hedged" / "scores.jsonl", "a") as f:  # pairs that are not cost_test's first n
+        f.write(json.dumps({"prompt": "other", "score_0": 0.0, "score_1": 0.0}) + "\n")
+    p = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "are not the first 3 of" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_threshold_arithmetic_by_hand(tmp_path):

@@ -282,3 +282,17 @@ def test_ppo_lagrangian_checkpoint_of_two_ranks_resumes_on_one(score_models, sft
     assert lam["per_rank_history"][0][:2] == state["lambda_history"][0]  # the history continues from rank 0's
     assert len(lam["per_rank_history"][0]) == 4 and len(lam["episode_cost_window"]) == 64
     assert [r["step"] for r in metrics(one) if "train/lambda" in r] == [3, 4]
+    # another threshold, KL coefficient or length would continue another run's optimisation: refused in one line,
+    # before any weights are read; a checkpoint written before these keys existed resumes as before
+    for flag, value, msg in (("--threshold", -1.0, "thresholds=[-4.5] but this run has [-1.0]"),
+                             ("--kl_coeff", 0.1, "kl_coeff=0.05 but this run has 0.1"),
+                             ("--max_steps", 6, "total_steps=4 but this run has 6")):
+        changed = [value if a == 4 else a for a in args] if flag == "--max_steps" else [*args, flag, value]
+        code, out, err = main_inprocess("ppo_lagrangian.py", "--output_dir", tmp_path / "x", *changed, "--resume", ck)
+        assert code != 0 and msg in err.strip().splitlines()[-1], (flag, err[-2000:])
+        assert not (tmp_path / "x" / "config.json").exists()
+    for k in ("total_steps",) + common.OBJECTIVE_KEYS:
+        state.pop(k, None)
+    json.dump(state, open(ck / "trainer_state.json", "w"))
+    code, out, err = main_inprocess("ppo_lagrangian.py", "--output_dir", tmp_path / "old", *args, "--resume", ck)
+    assert code == 0, err[-2000:]
