@@ -18,7 +18,8 @@
 #   COST_TRAIN=cost_mix_train BENIGN_LEVEL=hh OUT=output/experiment5 bash scripts/experiment_real.sh
 #                                                # run 5: benign HH answers in the cost data, d at their level
 #   COST_TRAIN=cost_mix2_train BENIGN_LEVEL=hh OUT=output/experiment6 bash scripts/experiment_real.sh
-#                                                # run 6: + harm in HH's register (harmless-base pairs, pairwise only)
+#                                                # run 6: + harm in HH's register (harmless-base pairs, pairwise only;
+#                                                # only its cost model was measured, at 300 steps: README "Run 6")
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
