@@ -21,8 +21,8 @@ Plumbing
     paths and the hub     HERE, is_hub_name, WRITTEN_BY, check_path
     output folder, logs   check_output_dir, prepare_output_dir, MetricsLogger, StepTimer, progress
     the tiny task's judge TINY_TASK_DATA, load_judge (its report: data/tiny_safety.py report, group_items)
-    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state, OBJECTIVE_KEYS,
-                          ADDED_LATER, load_checkpoint, StopOnSignal (SIGTERM)
+    resume and signals    CHECKPOINTS, checkpoint_dirs, resolve_resume, save_checkpoint, checkpoint_state,
+                          OBJECTIVE_KEYS, ADDED_LATER, load_checkpoint, StopOnSignal (SIGTERM)
 
 Conventions: every mask is built from explicit lengths (never by comparing ids with the pad id, since
 pad == eos in Llama-3/Qwen tokenizers); cost > 0 means unsafe. tests/test_common.py keeps this index complete.
@@ -1515,7 +1515,7 @@ def checkpoint_state(path, expect=None):
 
 
 OBJECTIVE_KEYS = ("kl_coeff", "thresholds", "lambda_lr", "shaping_coeff")  # PPO's objective (ppo_lagrangian.run_identity)
-ADDED_LATER = ("total_steps",) + OBJECTIVE_KEYS  # run-state keys older checkpoints lack (2026-12-04, 12-05)
+ADDED_LATER = ("total_steps",) + OBJECTIVE_KEYS  # run-state keys older checkpoints lack (2026-12-04)
 
 
 def load_checkpoint(path, models, generators=None):

@@ -184,9 +184,9 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
     sides are identical after truncation, are dropped and counted. cut > 0 (--cut_response_tokens): each response is
     cut to its first `cut` tokens (common.cut_response; with cut_eos an EOS ends the cut one), so the model learns to
     score what a policy limited to `cut` new tokens writes, the level included: a model trained on whole answers reads
-    a cut answer + EOS as a worse, riskier complete one (docs/experiment/runs1-3.md, "Reading the two runs side by side"). The pair keeps its
-    labels: a label about the whole answers is taken to hold for their openings (harm shows early; a pair whose
-    openings are identical is dropped)."""
+    a cut answer + EOS as a worse, riskier complete one (docs/experiment/runs1-3.md, "Reading the two runs side by
+    side"). The pair keeps its labels: a label about the whole answers is taken to hold for their openings (harm
+    shows early; a pair whose openings are identical is dropped)."""
     out, truncated, dropped, ungrouped, was_cut = [], 0, 0, 0, 0
     for n, r in enumerate(rows):
         hi = r["better_response_id"] if objective == "reward" else r["safer_response_id"]
@@ -214,9 +214,8 @@ def make_pairs(rows, objective, tokenizer, max_length, chat_template, source, tr
                 w = r[f"response_{i}_severity_level"] if severity_weighted else 1
                 weight[side] = [float(max(w, 1)) if h else 1.0 for h in harm[side]]
                 ungrouped += not r[f"is_response_{i}_safe"] and not any(harm[side])
-        flag = [None if r.get(f"is_response_{i}_safe", True) is None else bool(r.get(f"is_response_{i}_safe", True))
-                for i in (hi, 1 - hi)]  # a reward row has no flags: safe; null: unlabelled
-        out.append(Pair(a[0], b[0], *flag, *harm, *weight, n, hi))
+        flags = [r.get(f"is_response_{i}_safe", True) for i in (hi, 1 - hi)]  # a reward row has none: safe
+        out.append(Pair(a[0], b[0], *[None if f is None else bool(f) for f in flags], *harm, *weight, n, hi))
     common.print0(f"[data] {source}: {len(out)} pairs, {truncated} responses truncated at max_length={max_length}, "
                   + (f"{was_cut} cut to their first {cut} tokens, " if cut else "")
                   + f"{dropped} pairs dropped (prompt too long or identical after truncation)")
