@@ -21,8 +21,8 @@ the two copies cancel at C(y_0) = C(y_1), a tie (no harmlessness order is invent
 both below 0. cost_mix_train.jsonl = cost_train + cost_hh_train. The test file has each pair once (its sign accuracy
 is the share of benign answers read as safe; its pairwise accuracy means nothing).
 
-Harmful answers in HH's register (run 6): run 5's cost model learned HH-helpful's hedged style as a mark of safety,
-and its policy wrote harm in that style. cost_harmless_{train,test}.jsonl are the single-turn HH-RLHF harmless-base
+Harmful answers in HH's register (run 6): run 5's benign rows are all HH-register and all safe, and its policy wrote
+harm in that register; run 6 tested whether that style is what the cost model reads as safe (it was not: README). cost_harmless_{train,test}.jsonl are the single-turn HH-RLHF harmless-base
 pairs (the same Anthropic assistants answering red-team requests; `chosen` is the less harmful answer, MIT), split
 by first Human turn, as cost rows ordered by that label with both safety flags null: HH never labelled an answer
 safe or unsafe, only which of two is less harmful, so eq. 6 keeps their pairwise term and no classification term
