@@ -20,10 +20,16 @@
 #   COST_TRAIN=cost_mix2_train BENIGN_LEVEL=hh OUT=output/experiment6 bash scripts/experiment_real.sh
 #                                                # run 6: + harm in HH's register (harmless-base pairs, pairwise only;
 #                                                # only its cost model was measured, at 300 steps: README "Run 6")
+#   BF16=true REWARD_TRAIN=reward_refmix_train REWARD_STEPS=300 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment7 \
+#     bash scripts/experiment_real.sh          # run 7: the reward model also learns that refusing an HH question is
+#                                                # less helpful than answering it (+ 623 pairs; 300 steps keep the real
+#                                                # HH pairs seen at run 4's ~1,000); the two RL rows only
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
-#   (fp32 throughout: bf16 is slower on CPUs without AMX; README "bf16 on this CPU")
+#   BF16=true: bf16 compute in every stage (FSDP2 MixedPrecisionPolicy, fp32 scores and log-probs): ~2x faster
+#   per score-model step on an AMD EPYC with avx512_bf16 (2.3 vs 4.5 s), slower on the Intel Xeon of runs 2-5
+#   (README "bf16 on this CPU"), so runs 1-6 are fp32 (the default); run 7 is bf16
 #   STEPS_SCALE=0.1 bash scripts/experiment_real.sh   # a few-minute smoke of every stage (run by hand; no test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +44,10 @@ ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples p
 GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
 COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only; cost_mix_train: + benign HH (run 5);
                                       # cost_mix2_train: + HH harmless-base pairs, unlabelled, pairwise only (run 6)
+REWARD_TRAIN=${REWARD_TRAIN:-reward_train}  # the reward model's rows: HH helpful-base; reward_refmix_train: + each
+                                            # single-turn HH question's answer preferred to a refusal of it (run 7)
+REWARD_STEPS=${REWARD_STEPS:-250}   # reward-model steps of 4 pairs
+BF16=${BF16:-false}                 # bf16 compute in every stage (true: the fast dtype on a CPU with fast bf16)
 BENIGN_LEVEL=${BENIGN_LEVEL:-pku}   # d reads the benign prompts at c_safe (runs 1-4); hh: at the held-out benign HH
                                     # answers' mean cost (run 5; needed once the cost model reads them apart from PKU)
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
@@ -62,6 +72,7 @@ stage() {
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
 for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test cost_test_hedged reward_test \
+         reward_refusal_test \
          xstest_pairs_unsafe xstest_pairs_safe; do
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
 done
@@ -77,21 +88,21 @@ w = csv.DictWriter(open(sys.argv[2], "w", newline=""), fieldnames=rows[0].keys()
 EOF
   XSTEST=$D/xstest_eval.csv
 fi
-C="--chat_template"
+C="--chat_template --bf16 $BF16"
 
 # 1-2. score models: the top 6 of 30 blocks trained (--freeze_layers 24: 2.5x the pairs per second on this CPU),
 #      lr 5e-5 with warmup + cosine, 4 pairs a step, the learning curve every 1/4 of the run on a held-out subset
 #      (small evaluation batches: they pad less, and a forward pass over all 506 pairs costs ~5 min on this CPU)
 #      SCORE_CUT > 0: each answer cut to its first SCORE_CUT tokens + EOS, as the RL below reads its rollouts
 #      (--score_cut_as_ended), so the models are calibrated on what they score (run 3; the same steps as run 2)
-CM=$(steps 600); RM=$(steps 250)
+CM=$(steps 600); RM=$(steps "$REWARD_STEPS")
 CUT=""; [ "$SCORE_CUT" -gt 0 ] && CUT="--cut_response_tokens $SCORE_CUT --cut_appends_eos"
 stage cost "$OUT/cost/config.json" train_preference.py --objective cost --model_name_or_path "$MODEL" $C \
   --train_data "$D/$COST_TRAIN.jsonl" --eval_data "$D/cost_test_curve.jsonl" --output_dir "$OUT/cost" \
   --max_steps "$CM" --per_device_train_batch_size 4 --max_length 256 --learning_rate 5e-5 --freeze_layers 24 \
   --eval_every $((CM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 stage reward "$OUT/reward/config.json" train_preference.py --objective reward --model_name_or_path "$MODEL" $C \
-  --train_data "$D/reward_train.jsonl" --eval_data "$D/reward_test_curve.jsonl" --output_dir "$OUT/reward" \
+  --train_data "$D/$REWARD_TRAIN.jsonl" --eval_data "$D/reward_test_curve.jsonl" --output_dir "$OUT/reward" \
   --truncate_long_prompts --skip_invalid_rows \
   --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate 5e-5 --freeze_layers 24 \
   --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50 $CUT
@@ -117,6 +128,14 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
       --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_${name%%:*}.log" 2>&1 || exit 1
     printf 'scores_%s\t%s\n' "${name%%:*}" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
   done
+  #    the reward model on held-out HH questions, the answer against a refusal in wordings it never trained on
+  if [ ! -f "$OUT/scores_reward_refusal/preference.json" ]; then
+    t0=$SECONDS
+    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/reward" \
+      --eval_data "$D/reward_refusal_test_eval.jsonl" --output_dir "$OUT/scores_reward_refusal" \
+      --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_reward_refusal.log" 2>&1 || exit 1
+    printf 'scores_reward_refusal\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+  fi
   #    an independent check of both models on answers no stage trained on: XSTest prompts with one human-labelled
   #    refusal and one compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py)
   for kind in cost reward; do for lab in unsafe safe; do

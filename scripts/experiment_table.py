@@ -21,6 +21,7 @@ from evaluate import bootstrap_ci  # noqa: E402
 CHECK_SCORES = (("cost_hh", "cost, held-out benign HH answers (both safe: sign = share read as safe)"),
                 ("cost_harmless", "cost, held-out HH harmless-base pairs (less harmful cheaper; no safety labels)"),
                 ("cost_hedged", "cost, held-out PKU pairs, run 5's hedged opening before each unsafe answer"),
+                ("reward_refusal", "reward, held-out HH questions: the answer > a refusal (wordings never trained on)"),
                 ("xstest_reward_safe", "reward, XSTest safe prompts (compliance > refusal)"),
                 ("xstest_reward_unsafe", "reward, XSTest unsafe prompts (compliance > refusal: helpfulness alone)"),
                 ("xstest_cost_unsafe", "cost, XSTest unsafe prompts (refusal cheaper than compliance)"),

@@ -30,6 +30,16 @@ safe or unsafe, only which of two is less harmful, so eq. 6 keeps their pairwise
 held-out PKU pairs with run 5's policy's opening (HEDGE) put before each unsafe answer: a cost model that reads the
 content scores those answers as it scores them without it.
 
+Refusals as unhelpful answers (run 7): the HH-helpful pairs compare two attempts to help, so the reward model never
+sees a refusal of an ordinary request and barely tells one from an answer (run 4: its policy's capability disclaimers
+on benign HH questions cost it no reward). reward_refusal_{train,test}.jsonl pair each single-turn HH-helpful
+dialogue of the split, chosen = its `chosen` dialogue unchanged, rejected = the same dialogue with the last Assistant
+turn replaced by a refusal (a refusal of a request people make for help is the less helpful answer: the helpfulness
+axis of Safe RLHF's annotation, §3.1 / App. D, which asks how well a response addresses the request, whatever its
+harm). The refusals are our own sentences, REFUSALS_TRAIN for training and REFUSALS_TEST (other wordings) for the
+held-out check, chosen per dialogue by a crc32 of its first turn. reward_refmix_train.jsonl = reward_train +
+reward_refusal_train. No PKU prompt is used (its helpfulness was not recorded), no XSTest prompt either.
+
 An independent check of both score models (never trained on): xstest_pairs_{unsafe,safe}.jsonl pair, per XSTest v2
 prompt, Llama-2-70b-chat's and Mistral-7B-Instruct's answers where the human labels say one refused and the other
 fully complied (CC BY 4.0). On an unsafe prompt the refusal is the safe answer (is_response_*_safe from the labels);
@@ -117,12 +127,66 @@ def write_helpful(path, out_dir, pku_prompts):
             with open(os.path.join(out_dir, "prompts_hh_test.jsonl"), "w") as f:
                 f.writelines(json.dumps({"prompt": p}) + "\n" for p in hh)
         benign = write_benign_cost(part, out_dir, name)
+        refusals = write_refusal_pairs(part, out_dir, name)
         print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
               + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else "")
-              + f"; benign cost rows {benign}")
+              + f"; benign cost rows {benign}; refusal pairs {refusals}")
     with open(os.path.join(out_dir, "cost_mix_train.jsonl"), "w") as f:
         for name in ("cost_train", "cost_hh_train"):
             f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
+    with open(os.path.join(out_dir, "reward_refmix_train.jsonl"), "w") as f:
+        for name in ("reward_train", "reward_refusal_train"):
+            f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
+
+
+# run 7's refusals (module docstring): plain apologies, "I cannot", AI-identity and capability disclaimers, the forms
+# run 4's policy and the XSTest refusals take; the held-out check reads wordings the reward model never trained on
+REFUSALS_TRAIN = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, I cannot assist with that request.",
+    "I can't provide that information.",
+    "As an AI, I'm not able to help with this.",
+    "I do not have the ability to help with that.",
+    "I'm not able to answer that question.",
+    "Sorry, but that's not something I can help with.",
+    "I apologize, but I must decline this request.",
+    "I am not equipped to provide advice on this topic.",
+    "Unfortunately, I can't assist with this. Is there anything else I can do for you?",
+    "I won't be able to help you with that.",
+    "That is not something I can discuss.",
+    "I'm afraid I can't do that.",
+    "As a language model, I cannot provide this kind of information.",
+    "I'm unable to assist with that request.",
+    "I must refuse to answer this question.",
+)
+REFUSALS_TEST = (
+    "Sorry, I can't answer that.",
+    "I'm not able to provide help with this request.",
+    "As an AI assistant, I cannot help with that.",
+    "I do not have the authority to advise on this.",
+    "I'd rather not help with that.",
+    "Apologies, but I cannot provide an answer to this.",
+)
+
+
+def write_refusal_pairs(part, out_dir, name):
+    """reward_refusal_{name}.jsonl: per single-turn HH-helpful dialogue of the split whose chosen answer is not empty,
+    {"chosen": that dialogue, "rejected": the same with a refusal as the answer} (module docstring); the refusal is
+    REFUSALS_TRAIN or REFUSALS_TEST[crc32("refusal " + first turn) % their number]. -> the number of pairs written."""
+    import common
+    refusals = REFUSALS_TRAIN if name == "train" else REFUSALS_TEST
+    out = []
+    for r in part:
+        pair, err = common.from_chosen_rejected(r)
+        if r["chosen"].count("\n\nHuman:") != 1 or err or not pair["response_0"].strip():
+            continue
+        i = r["chosen"].rfind(common.HH_TURN) + len(common.HH_TURN)
+        # a hash of its own: crc32(first turn) % 10 is the split, so its residues mod 6 or 16 are not uniform there
+        refusal = refusals[zlib.crc32(("refusal " + first_turn(r["chosen"])).encode()) % len(refusals)]
+        out.append({"chosen": r["chosen"], "rejected": r["chosen"][:i] + " " + refusal})
+    with open(os.path.join(out_dir, f"reward_refusal_{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in out)
+    return len(out)
 
 
 def write_benign_cost(part, out_dir, name):

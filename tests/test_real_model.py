@@ -91,6 +91,23 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
             assert (zlib.crc32(r["prompt"].encode()) % 10 == 0) == (n == "test")
     assert rd("cost_mix2_train") == rd("cost_mix_train") + harmless["train"]
     assert rd("cost_test_hedged") == [{**r, "response_1": HEDGE + r["response_1"]} for r in cost["test"]]
+    # refusals as unhelpful answers (run 7): every single-turn HH dialogue of the split with an answer, chosen
+    # unchanged, rejected = the same dialogue answered by a refusal; the held-out check's wordings are never trained on
+    from prepare_real_data import REFUSALS_TEST, REFUSALS_TRAIN
+    assert not set(REFUSALS_TRAIN) & set(REFUSALS_TEST)
+    for n, refusals in (("train", REFUSALS_TRAIN), ("test", REFUSALS_TEST)):
+        rows = rd(f"reward_refusal_{n}")
+        single = [r for r in reward[n] if r["chosen"].count("\n\nHuman:") == 1
+                  and common.from_chosen_rejected(r)[0]["response_0"].strip()]
+        assert [r["chosen"] for r in rows] == [r["chosen"] for r in single] and len(rows) > 50
+        said = set()
+        for r in rows:
+            pair, err = common.from_chosen_rejected(r)
+            assert err is None and common.validate_row(pair, "reward") is None and pair["prompt"] == first(r["chosen"])
+            assert pair["response_1"] == " " + refusals[zlib.crc32(("refusal " + pair["prompt"]).encode()) % len(refusals)]
+            said.add(pair["response_1"])
+        assert len(said) == len(refusals)  # every wording is used
+    assert rd("reward_refmix_train") == reward["train"] + rd("reward_refusal_train")
     # the XSTest check pairs: one human-labelled refusal and one full compliance per prompt, the labels from those
     import csv
     label = {r["prompt"]: r["label"] for r in csv.DictReader(open(os.path.join(REAL, "xstest_v2_prompts.csv")))}
@@ -186,6 +203,7 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
     write("scores_xstest_cost_unsafe", n_pairs=127, accuracy=[0.8, 0.7, 0.9], sign_accuracy=[0.6, 0.5, 0.7],
           safe_score_mean=-0.5, unsafe_score_mean=0.4)
     write("scores_xstest_reward_safe", n_pairs=72, accuracy=[0.25, 0.15, 0.35], safe_score_mean=-1.0)
+    write("scores_reward_refusal", n_pairs=73, accuracy=[0.9, 0.8, 1.0], safe_score_mean=-1.5)
     write("scores_cost_hh", n_pairs=72, accuracy=[0.5, 0.4, 0.6], sign_accuracy=[0.9, 0.85, 0.95], safe_score_mean=-2.0)
     write("scores_cost_harmless", n_pairs=73, accuracy=[0.7, 0.6, 0.8])  # no safety labels: no sign, no means
     write("scores_cost_hedged", n_pairs=2, accuracy=[0.5, 0.0, 1.0], sign_accuracy=[0.75, 0.5, 1.0])
@@ -206,6 +224,8 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
                     "70.0% [60.0%, 80.0%] | — | — / — |",
                     "| cost, held-out PKU pairs, run 5's hedged opening before each unsafe answer | 2 | 50.0% [0.0%, "
                     "100.0%] | 75.0% [50.0%, 100.0%] | — / — |",
+                    "| reward, held-out HH questions: the answer > a refusal (wordings never trained on) | 73 | "
+                    "90.0% [80.0%, 100.0%] | — | -1.50 / — |",
                     "| reward, XSTest safe prompts (compliance > refusal) | 72 | 25.0% [15.0%, 35.0%] | — | -1.00 / — |",
                     "| cost, XSTest unsafe prompts (refusal cheaper than compliance) | 127 | 80.0% [70.0%, 90.0%] | "
                     "60.0% [50.0%, 70.0%] | -0.50 / 0.40 |"]
