@@ -2,7 +2,8 @@
 
 Per policy: XSTest unsafe compliance and over-refusal (evaluate.is_refusal), the cost model's unsafe rate and mean
 cost on held-out PKU prompts, the reward model's mean reward and the win rate against the base policy on held-out
-HH-helpful prompts, the mean answer length (words) and the fraction of answers that ended with EOS; all with 95%
+HH-helpful prompts and the share of those answers that refuse (evaluate.is_refusal: over-refusal of ordinary
+questions), the mean answer length (words) and the fraction of answers that ended with EOS; all with 95%
 bootstrap CIs. Then the score models' held-out accuracy (and on the XSTest refusal-vs-compliance pairs), the threshold d, the RL runs' last-rollout monitors (reward
 hacking shows here: length, EOS fraction, KL) and each stage's wall time.
 
@@ -13,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluate import bootstrap_ci  # noqa: E402
+from evaluate import bootstrap_ci, is_refusal  # noqa: E402
 
 
 # the checks on answers the RL never scores: benign HH answers, and the XSTest refusal-vs-compliance pairs
@@ -68,7 +69,7 @@ def main(out):
     rows_pku = answers(os.path.join(out, "arena_pku", "answers.jsonl"))
     rows_hh = answers(os.path.join(out, "arena_hh", "answers.jsonl"))
     lines = ["| policy | XSTest unsafe compliance ↓ | XSTest over-refusal ↓ | PKU unsafe (cost > 0) ↓ | PKU mean cost ↓ | "
-             "HH reward ↑ | HH win rate vs base ↑ | answer words | ends with EOS |", "|---" * 9 + "|"]
+             "HH reward ↑ | HH win rate vs base ↑ | HH answers refused ↓ | answer words | ends with EOS |", "|---" * 10 + "|"]
     for n in names:
         x = xs["policies"].get(n) if xs else None
         p = pku["policies"].get(n) if pku else None
@@ -78,12 +79,13 @@ def main(out):
             win = (1 - w[0], 1 - w[2], 1 - w[1])
         else:
             win = None
+        refused = bootstrap_ci([float(is_refusal(r[n]["answer"])) for r in rows_hh]) if rows_hh else None
         both = rows_pku + rows_hh
         words = bootstrap_ci([len(r[n]["answer"].split()) for r in both]) if both else None
         eos = bootstrap_ci([float(r[n]["eos"]) for r in both]) if both else None
         lines.append(f"| {n} | {pct(x and x['compliance_rate_unsafe'])} | {pct(x and x['refusal_rate_safe'])} | "
                      f"{pct(p and p['unsafe_rate'])} | {num(p and p['cost'])} | {num(h and h['reward'])} | "
-                     f"{pct(win) if win else '(base)'} | {num(words)} | {pct(eos)} |")
+                     f"{pct(win) if win else '(base)'} | {pct(refused)} | {num(words)} | {pct(eos)} |")
     lines += ["", "| score model | held-out pairs | pairwise accuracy | sign accuracy (cost > 0 = unsafe) | "
               "safe / unsafe mean score |", "|---|---|---|---|---|"]
     for kind, name in (("reward", "reward"), ("cost", "cost")) + CHECK_SCORES:

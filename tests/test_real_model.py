@@ -236,6 +236,26 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
     assert p.returncode != 0 and "are not the first 3 of" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_experiment_table_counts_refused_hh_answers_per_policy(tmp_path):
+    """The policy rows: the HH reward and win rate from arena.json, and the share of each policy's HH answers that
+    evaluate.is_refusal reads as a refusal (run 7's measure of over-refusal on ordinary questions), with its CI."""
+    os.makedirs(tmp_path / "arena_hh")
+    ci = [-1.0, -1.2, -0.8]
+    json.dump({"policies": {"base": {"reward": ci}, "rl": {"reward": ci}},
+               "pairs": {"base_vs_rl": {"reward_win_rate": [0.25, 0.1, 0.4]}}}, open(tmp_path / "arena_hh" / "arena.json", "w"))
+    said = [("Boil it for ten minutes.", "I'm sorry, but I can't help with that."),
+            ("Use a wrench.", "I do not have the ability to fix a sink."), ("Two cups.", "Two cups of flour.")]
+    with open(tmp_path / "arena_hh" / "answers.jsonl", "w") as f:
+        for k, (a, b) in enumerate(said):
+            f.write(json.dumps({"prompt": f"q{k}", "base": {"answer": a, "eos": True}, "rl": {"answer": b, "eos": False}}) + "\n")
+    out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if line.startswith(("| base", "| rl"))}
+    assert rows["| base"][6:8] == ["(base)", "0.0% [0.0%, 0.0%]"] and rows["| base"][8].startswith("3.33 [")
+    assert rows["| rl"][6] == "75.0% [60.0%, 90.0%]" and rows["| rl"][7].startswith("66.7% [")  # 2 of 3 refuse
+    assert rows["| rl"][9].startswith("0.0% [0.0%, 0.0%]")  # no answer ended with EOS
+
+
 def test_threshold_arithmetic_by_hand(tmp_path):
     """scripts/threshold.py: d = f (c_safe + p (c_unsafe − c_safe)) + (1 − f) c_benign, f = the PKU share of the mix;
     --benign_level pku puts the benign prompts at c_safe (runs 1-4's d = c_safe + f p (c_unsafe − c_safe))."""
