@@ -131,11 +131,14 @@ def write_helpful(path, out_dir, pku_prompts):
         print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
               + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else "")
               + f"; benign cost rows {benign}; refusal pairs {refusals}")
-    with open(os.path.join(out_dir, "cost_mix_train.jsonl"), "w") as f:
-        for name in ("cost_train", "cost_hh_train"):
-            f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
-    with open(os.path.join(out_dir, "reward_refmix_train.jsonl"), "w") as f:
-        for name in ("reward_train", "reward_refusal_train"):
+    concat(out_dir, "cost_mix_train", ("cost_train", "cost_hh_train"))
+    concat(out_dir, "reward_refmix_train", ("reward_train", "reward_refusal_train"))
+
+
+def concat(out_dir, target, names):
+    """out_dir/target.jsonl = the files out_dir/<name>.jsonl one after another (a mixed training set)."""
+    with open(os.path.join(out_dir, f"{target}.jsonl"), "w") as f:
+        for name in names:
             f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
 
 
@@ -238,9 +241,7 @@ def write_harmless(path, out_dir):
     for name, rows in out.items():
         with open(os.path.join(out_dir, f"cost_harmless_{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in rows)
-    with open(os.path.join(out_dir, "cost_mix2_train.jsonl"), "w") as f:
-        for name in ("cost_mix_train", "cost_harmless_train"):
-            f.writelines(open(os.path.join(out_dir, f"{name}.jsonl")))
+    concat(out_dir, "cost_mix2_train", ("cost_mix_train", "cost_harmless_train"))
     print(f"[real-data] harmless single-turn pairs: {len(out['train'])} train, {len(out['test'])} test ({bad} invalid "
           f"left out)")
 
