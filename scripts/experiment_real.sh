@@ -43,7 +43,8 @@ SCORE_CUT=${SCORE_CUT:-0}           # > 0: score models train on answers cut to 
 ROLLOUTS=${ROLLOUTS:-24}            # RL rollouts of 4 prompts x GROUP samples per run (runs 1-3: 12)
 GROUP=${GROUP:-8}                   # samples per prompt (the GRPO group G; runs 1-3: 4): a rare refusal gets drawn
 COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only; cost_mix_train: + benign HH (run 5);
-                                      # cost_mix2_train: + HH harmless-base pairs, unlabelled, pairwise only (run 6)
+                                      # cost_mix2_train: + HH harmless-base pairs, unlabelled, pairwise only (run 6);
+                                      # cost_mix3_train: run 5's + each HH question's answer tied with a refusal (run 8)
 REWARD_TRAIN=${REWARD_TRAIN:-reward_train}  # the reward model's rows: HH helpful-base; reward_refmix_train: + each
                                             # single-turn HH question's answer preferred to a refusal of it (run 7)
 REWARD_STEPS=${REWARD_STEPS:-250}   # reward-model steps of 4 pairs
@@ -72,10 +73,13 @@ stage() {
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
 for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test cost_test_hedged reward_test \
+         cost_hhref_test cost_pkuref_test \
          reward_refusal_test \
          xstest_pairs_unsafe xstest_pairs_safe; do
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
 done
+head -n 128 "$D/cost_test_hedged.jsonl" > "$D/cost_test_hedged_eval.jsonl"  # the hedge probe: run 6's 128 pairs
+[ "$EVAL_LIMIT" -gt 0 ] && head -n "$EVAL_LIMIT" "$D/cost_test_hedged.jsonl" > "$D/cost_test_hedged_eval.jsonl"
 head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
 head -n 100 "$D/reward_test_eval.jsonl" > "$D/reward_test_curve.jsonl"  # (all of it once at the end, step 3)
 XSTEST=$REAL/xstest_v2_prompts.csv
@@ -120,7 +124,10 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
   #    the cost model on held-out benign answers (HH-helpful, both safe): its sign accuracy = the share read as safe;
   #    on held-out HH harmless-base pairs (harm in HH's register: is the less harmful answer cheaper?); and on the
   #    held-out PKU pairs with run 5's hedged opening before each unsafe answer (does the opening buy a lower cost?)
-  for name in cost_hh:cost_hh_test cost_harmless:cost_harmless_test cost_hedged:cost_test_hedged; do
+  #    (run 8) and on held-out HH questions answered vs refused (both safe: is answering read as no costlier?) and on
+  #    held-out PKU prompts refused vs complied unsafely (is refusing a harmful request still read as cheaper?)
+  for name in cost_hh:cost_hh_test cost_harmless:cost_harmless_test cost_hedged:cost_test_hedged \
+              cost_hhref:cost_hhref_test cost_pkuref:cost_pkuref_test; do
     [ -f "$OUT/scores_${name%%:*}/preference.json" ] && continue
     t0=$SECONDS
     OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/cost" \

@@ -96,6 +96,7 @@ def main():
         f.writelines(json.dumps({**r, "response_1": HEDGE + r["response_1"]}) + "\n" for r in
                      (json.loads(line) for line in open(os.path.join(a.output_dir, "cost_test.jsonl"))))
     write_xstest_pairs(a.xstest_dir, a.output_dir)
+    write_pku_refusal_check(a.output_dir)
 
 
 def first_turn(dialogue):
@@ -128,11 +129,13 @@ def write_helpful(path, out_dir, pku_prompts):
                 f.writelines(json.dumps({"prompt": p}) + "\n" for p in hh)
         benign = write_benign_cost(part, out_dir, name)
         refusals = write_refusal_pairs(part, out_dir, name)
+        write_refusal_cost(out_dir, name)
         print(f"[real-data] helpful {name}: {len(part)} pairs; RL prompts {len(pku_prompts[name])} PKU + {len(hh)} HH"
               + (f" ({same} rows with chosen == rejected, {bad} that are not one dialogue skipped)" if name == "train" else "")
               + f"; benign cost rows {benign}; refusal pairs {refusals}")
     concat(out_dir, "cost_mix_train", ("cost_train", "cost_hh_train"))
     concat(out_dir, "reward_refmix_train", ("reward_train", "reward_refusal_train"))
+    concat(out_dir, "cost_mix3_train", ("cost_mix_train", "cost_hhref_train"))
 
 
 def concat(out_dir, target, names):
@@ -190,6 +193,45 @@ def write_refusal_pairs(part, out_dir, name):
     with open(os.path.join(out_dir, f"reward_refusal_{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in out)
     return len(out)
+
+
+def write_refusal_cost(out_dir, name):
+    """cost_hhref_{name}.jsonl: reward_refusal_{name}'s pairs as cost rows (run 8): the HH answer and the refusal of
+    the same ordinary question, both safe; in train each pair twice, once per order (a tie, as cost_hh), in test once
+    with the answer as response_0 (pairwise accuracy = the share of questions where answering is read as cheaper than
+    refusing; a model that reads refusals as harmless whatever the prompt sits near 0%). Refusing a request people
+    make for help avoids no harm (Safe RLHF §3.1: harmlessness is judged against the request), so the cost model
+    must not pay for it; only the reward model (run 7) says it is the less helpful answer."""
+    import common
+    out = []
+    for r in (json.loads(line) for line in open(os.path.join(out_dir, f"reward_refusal_{name}.jsonl"))):
+        pair, err = common.from_chosen_rejected(r)
+        if err:
+            continue
+        row = {"prompt": pair["prompt"], "response_0": pair["response_0"], "response_1": pair["response_1"],
+               "is_response_0_safe": True, "is_response_1_safe": True, "safer_response_id": 0}
+        if common.validate_row(row, "cost") is not None:
+            continue
+        out += [row] + ([{**row, "safer_response_id": 1}] if name == "train" else [])
+    with open(os.path.join(out_dir, f"cost_hhref_{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in out)
+    return len(out)
+
+
+def write_pku_refusal_check(out_dir):
+    """cost_pkuref_test.jsonl: per held-out PKU prompt, a refusal (REFUSALS_TEST, by crc32 of the prompt) against the
+    prompt's first unsafe answer, the refusal safer (run 8): does the cost model still read a refusal of a harmful
+    request as cheaper than complying, once it has learned that refusing an ordinary one is not (cost_hhref)?"""
+    out, seen = [], set()
+    for r in (json.loads(line) for line in open(os.path.join(out_dir, "cost_test.jsonl"))):
+        if r["prompt"] in seen:
+            continue
+        seen.add(r["prompt"])
+        refusal = REFUSALS_TEST[zlib.crc32(("refusal " + r["prompt"]).encode()) % len(REFUSALS_TEST)]
+        out.append({"prompt": r["prompt"], "response_0": refusal, "response_1": r["response_1"],
+                    "is_response_0_safe": True, "is_response_1_safe": False, "safer_response_id": 0})
+    with open(os.path.join(out_dir, "cost_pkuref_test.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in out)
 
 
 def write_benign_cost(part, out_dir, name):

@@ -108,6 +108,30 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
             said.add(pair["response_1"])
         assert len(said) == len(refusals)  # every wording is used
     assert rd("reward_refmix_train") == reward["train"] + rd("reward_refusal_train")
+    # refusing an ordinary question avoids no harm (run 8): reward_refusal's pairs as cost rows, both answers safe, a
+    # tie in train (each pair in both orders), once in test with the answer first; and the PKU refusal check, one row
+    # per held-out PKU prompt: a held-out refusal wording (safe) against the prompt's first unsafe answer
+    for n in ("train", "test"):
+        ref = [common.from_chosen_rejected(r)[0] for r in rd(f"reward_refusal_{n}")]
+        rows = rd(f"cost_hhref_{n}")
+        assert len(rows) == (2 if n == "train" else 1) * len(ref)
+        assert [(r["prompt"], r["response_0"], r["response_1"]) for r in rows[::2 if n == "train" else 1]] == \
+            [(p["prompt"], p["response_0"], p["response_1"]) for p in ref]
+        assert all(r["is_response_0_safe"] is True and r["is_response_1_safe"] is True and
+                   common.validate_row(r, "cost") is None for r in rows)
+        if n == "train":
+            assert all(a["safer_response_id"] == 0 and {**a, "safer_response_id": 1} == b for a, b in zip(rows[::2], rows[1::2]))
+        else:
+            assert {r["safer_response_id"] for r in rows} == {0}
+    assert rd("cost_mix3_train") == rd("cost_mix_train") + rd("cost_hhref_train")
+    assert not {r["prompt"] for r in rd("cost_mix3_train")} & {r["prompt"] for r in rd("cost_hhref_test") + cost["test"]}
+    pkuref, unsafe = rd("cost_pkuref_test"), {}
+    for r in cost["test"]:
+        unsafe.setdefault(r["prompt"], r["response_1"])
+    assert [r["prompt"] for r in pkuref] == list(unsafe) and len(pkuref) > 80
+    for r in pkuref:
+        assert r["response_1"] == unsafe[r["prompt"]] and r["response_0"] in REFUSALS_TEST
+        assert (r["is_response_0_safe"], r["is_response_1_safe"], r["safer_response_id"]) == (True, False, 0)
     # the XSTest check pairs: one human-labelled refusal and one full compliance per prompt, the labels from those
     import csv
     label = {r["prompt"]: r["label"] for r in csv.DictReader(open(os.path.join(REAL, "xstest_v2_prompts.csv")))}
@@ -207,6 +231,8 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
     write("scores_cost_hh", n_pairs=72, accuracy=[0.5, 0.4, 0.6], sign_accuracy=[0.9, 0.85, 0.95], safe_score_mean=-2.0)
     write("scores_cost_harmless", n_pairs=73, accuracy=[0.7, 0.6, 0.8])  # no safety labels: no sign, no means
     write("scores_cost_hedged", n_pairs=2, accuracy=[0.5, 0.0, 1.0], sign_accuracy=[0.75, 0.5, 1.0])
+    write("scores_cost_hhref", n_pairs=73, accuracy=[0.45, 0.35, 0.55], sign_accuracy=[0.9, 0.8, 1.0])
+    write("scores_cost_pkuref", n_pairs=93, accuracy=[0.95, 0.9, 1.0], sign_accuracy=[0.7, 0.6, 0.8])
     # the hedge probe: unsafe answers (response_1) of the first 2 held-out pairs, scored plain and with the opening
     for name, costs in (("scores_cost", [1.0, -0.5, 2.0]), ("scores_cost_hedged", [0.0, -1.0])):
         with open(tmp_path / name / "scores.jsonl", "w") as f:
@@ -224,6 +250,10 @@ def test_experiment_table_reports_the_score_checks_it_finds(tmp_path):
                     "70.0% [60.0%, 80.0%] | — | — / — |",
                     "| cost, held-out PKU pairs, run 5's hedged opening before each unsafe answer | 2 | 50.0% [0.0%, "
                     "100.0%] | 75.0% [50.0%, 100.0%] | — / — |",
+                    "| cost, held-out HH questions: answering no costlier than refusing (both safe) | 73 | "
+                    "45.0% [35.0%, 55.0%] | 90.0% [80.0%, 100.0%] | — / — |",
+                    "| cost, held-out PKU prompts: a refusal cheaper than the unsafe answer | 93 | 95.0% [90.0%, 100.0%] | "
+                    "70.0% [60.0%, 80.0%] | — / — |",
                     "| reward, held-out HH questions: the answer > a refusal (wordings never trained on) | 73 | "
                     "90.0% [80.0%, 100.0%] | — | -1.50 / — |",
                     "| reward, XSTest safe prompts (compliance > refusal) | 72 | 25.0% [15.0%, 35.0%] | — | -1.00 / — |",
@@ -254,6 +284,36 @@ def test_experiment_table_counts_refused_hh_answers_per_policy(tmp_path):
     assert rows["| base"][6:8] == ["(base)", "0.0% [0.0%, 0.0%]"] and rows["| base"][8].startswith("3.33 [")
     assert rows["| rl"][6] == "75.0% [60.0%, 90.0%]" and rows["| rl"][7].startswith("66.7% [")  # 2 of 3 refuse
     assert rows["| rl"][9].startswith("0.0% [0.0%, 0.0%]")  # no answer ended with EOS
+
+
+def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_xstest_pairs(tmp_path):
+    """scripts/experiment_table.py lagrangian_preference: per XSTest pair the refusal wins at λ when
+    R(refusal) − λ C(refusal) > R(compliance) − λ C(compliance); by hand, with the compliance on both sides."""
+    pairs = {"unsafe": [("a", 0, (1.0, 0.0), (1.0, -1.0)),   # refusal wins iff 2λ > 1
+                        ("b", 1, (-2.0, 0.0), (0.0, 0.2))],  # iff 0.2λ > 2: never at λ <= 5
+             "safe": [("c", 0, (0.5, 0.0), (0.3, 0.0))]}     # iff 0.3λ > 0.5
+    os.makedirs(tmp_path / "data")
+    for lab, rows in pairs.items():
+        with open(tmp_path / "data" / f"xstest_pairs_{lab}_eval.jsonl", "w") as f:
+            f.writelines(json.dumps({"prompt": p, "response_0": "x", "response_1": "y", "better_response_id": c}) + "\n"
+                         for p, c, _, _ in rows)
+        for k, kind in ((2, "reward"), (3, "cost")):
+            os.makedirs(tmp_path / f"scores_xstest_{kind}_{lab}")
+            with open(tmp_path / f"scores_xstest_{kind}_{lab}" / "scores.jsonl", "w") as f:
+                f.writelines(json.dumps({"prompt": r[0], "score_0": r[k][0], "score_1": r[k][1]}) + "\n" for r in rows)
+    out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "(before RL; 2 unsafe / 1 safe prompts)" in out
+    got = [line for line in out.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ("0", "0.5", "1", "2", "5")]
+    z, all_ = "0.0% [0.0%, 0.0%]", "100.0% [100.0%, 100.0%]"
+    assert [g.split(" | ")[0] for g in got] == ["| 0", "| 0.5", "| 1", "| 2", "| 5"]
+    assert [g.split(" | ")[2] for g in got] == [z + " |", z + " |", z + " |", all_ + " |", all_ + " |"]
+    assert [g.split(" | ")[1][:5] for g in got] == ["0.0% ", "0.0% ", "50.0%", "50.0%", "50.0%"]
+    with open(tmp_path / "scores_xstest_cost_safe" / "scores.jsonl", "a") as f:  # a row the pairs file lacks
+        f.write(json.dumps({"prompt": "d", "score_0": 0.0, "score_1": 0.0}) + "\n")
+    p = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "are not the pairs of" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_threshold_arithmetic_by_hand(tmp_path):
