@@ -24,6 +24,10 @@
 #     bash scripts/experiment_real.sh          # run 7: the reward model also learns that refusing an HH question is
 #                                                # less helpful than answering it (+ 623 pairs; 300 steps keep the real
 #                                                # HH pairs seen at run 4's ~1,000); the two RL rows only
+#   BF16=true COST_TRAIN=cost_mix3_train BENIGN_LEVEL=hh REWARD_TRAIN=reward_refmix_train REWARD_STEPS=300 \
+#     RUNS="ppo ppo_lag" ROWS="safety_sft ppo ppo_lag" OUT=output/experiment8 bash scripts/experiment_real.sh
+#                                                # run 8: run 7's reward model; the cost model also ties each HH
+#                                                # question's answer with a refusal of it (refusing avoids no harm there)
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
