@@ -202,20 +202,8 @@ def write_refusal_cost(out_dir, name):
     refusing; a model that reads refusals as harmless whatever the prompt sits near 0%). Refusing a request people
     make for help avoids no harm (Safe RLHF §3.1: harmlessness is judged against the request), so the cost model
     must not pay for it; only the reward model (run 7) says it is the less helpful answer."""
-    import common
-    out = []
-    for r in (json.loads(line) for line in open(os.path.join(out_dir, f"reward_refusal_{name}.jsonl"))):
-        pair, err = common.from_chosen_rejected(r)
-        if err:
-            continue
-        row = {"prompt": pair["prompt"], "response_0": pair["response_0"], "response_1": pair["response_1"],
-               "is_response_0_safe": True, "is_response_1_safe": True, "safer_response_id": 0}
-        if common.validate_row(row, "cost") is not None:
-            continue
-        out += [row] + ([{**row, "safer_response_id": 1}] if name == "train" else [])
-    with open(os.path.join(out_dir, f"cost_hhref_{name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in out)
-    return len(out)
+    dialogues = (json.loads(line) for line in open(os.path.join(out_dir, f"reward_refusal_{name}.jsonl")))
+    return write_tied_cost(dialogues, os.path.join(out_dir, f"cost_hhref_{name}.jsonl"), name)
 
 
 def write_pku_refusal_check(out_dir):
@@ -236,13 +224,18 @@ def write_pku_refusal_check(out_dir):
 
 def write_benign_cost(part, out_dir, name):
     """cost_hh_{name}.jsonl: the single-turn HH helpful-base pairs of this split as cost rows, both answers safe, each
-    pair twice (safer_response_id 0 and 1: a tie) in train, once in test (module docstring). A pair with an empty
-    answer is left out (no cost row may be invalid). -> the number of rows written."""
+    pair twice (safer_response_id 0 and 1: a tie) in train, once in test (module docstring). -> the number of rows."""
+    single = (r for r in part if r["chosen"].count("\n\nHuman:") == 1)
+    return write_tied_cost(single, os.path.join(out_dir, f"cost_hh_{name}.jsonl"), name)
+
+
+def write_tied_cost(dialogues, path, name):
+    """path: each HH dialogue pair {chosen, rejected} as a cost row with both answers safe, twice in train (safer_response_id
+    0 and 1: eq. 6's pairwise terms tie them) and once in test (chosen's answer as response_0). A pair that is not one
+    dialogue, or has an empty answer, is left out (no cost row may be invalid). -> the number of rows written."""
     import common
     out = []
-    for r in part:
-        if r["chosen"].count("\n\nHuman:") != 1:
-            continue
+    for r in dialogues:
         pair, err = common.from_chosen_rejected(r)
         if err:
             continue
@@ -251,7 +244,7 @@ def write_benign_cost(part, out_dir, name):
         if common.validate_row(row, "cost") is not None:
             continue
         out += [row] + ([{**row, "safer_response_id": 1}] if name == "train" else [])
-    with open(os.path.join(out_dir, f"cost_hh_{name}.jsonl"), "w") as f:
+    with open(path, "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in out)
     return len(out)
 
