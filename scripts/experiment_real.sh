@@ -76,14 +76,13 @@ stage() {
 
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
-for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test cost_test_hedged reward_test \
+for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test reward_test \
          cost_hhref_test cost_pkuref_test \
          reward_refusal_test \
          xstest_pairs_unsafe xstest_pairs_safe; do
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
 done
-head -n 128 "$D/cost_test_hedged.jsonl" > "$D/cost_test_hedged_eval.jsonl"  # the hedge probe: run 6's 128 pairs
-[ "$EVAL_LIMIT" -gt 0 ] && head -n "$EVAL_LIMIT" "$D/cost_test_hedged.jsonl" > "$D/cost_test_hedged_eval.jsonl"
+head -n $((EVAL_LIMIT > 0 ? EVAL_LIMIT : 128)) "$D/cost_test_hedged.jsonl" > "$D/cost_test_hedged_eval.jsonl"  # run 6's 128
 head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
 head -n 100 "$D/reward_test_eval.jsonl" > "$D/reward_test_curve.jsonl"  # (all of it once at the end, step 3)
 XSTEST=$REAL/xstest_v2_prompts.csv
