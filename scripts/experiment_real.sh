@@ -28,6 +28,10 @@
 #     RUNS="ppo ppo_lag" ROWS="safety_sft ppo ppo_lag" OUT=output/experiment8 bash scripts/experiment_real.sh
 #                                                # run 8: run 7's reward model; the cost model also ties each HH
 #                                                # question's answer with a refusal of it (refusing avoids no harm there)
+#   BF16=true COST_TRAIN=cost_mix9_train PROMPT_TRAIN=prompts_mix9_train XSTEST_HALF=true BENIGN_LEVEL=hh \
+#     REWARD_TRAIN=reward_refmix_train REWARD_STEPS=300 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment9 \
+#     bash scripts/experiment_real.sh          # run 9, a coverage test: run 8 + half of XSTest's prompts in the cost
+#                                                # rows and the RL prompts; XSTest measured on the other half only
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -53,6 +57,10 @@ REWARD_TRAIN=${REWARD_TRAIN:-reward_train}  # the reward model's rows: HH helpfu
                                             # single-turn HH question's answer preferred to a refusal of it (run 7)
 REWARD_STEPS=${REWARD_STEPS:-250}   # reward-model steps of 4 pairs
 BF16=${BF16:-false}                 # bf16 compute in every stage (true: the fast dtype on a CPU with fast bf16)
+PROMPT_TRAIN=${PROMPT_TRAIN:-prompts_mix_train}  # the RL prompts (and the mix d reads); prompts_mix9_train: + half of
+                                                # XSTest's prompts (run 9)
+XSTEST_HALF=${XSTEST_HALF:-false}   # true: XSTest (answers and refusal-vs-compliance pairs) on the held-out half only,
+                                    # the half no stage trained on (run 9; scripts/prepare_real_data.py xstest_half)
 BENIGN_LEVEL=${BENIGN_LEVEL:-pku}   # d reads the benign prompts at c_safe (runs 1-4); hh: at the held-out benign HH
                                     # answers' mean cost (run 5; needed once the cost model reads them apart from PKU)
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
@@ -76,16 +84,18 @@ stage() {
 
 # 0. data (only under $OUT: the real rows are never copied into the repo)
 python scripts/prepare_real_data.py --output_dir "$D" > /dev/null
+H=""; [ "$XSTEST_HALF" = true ] && H=_heldout
 for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test reward_test \
          cost_hhref_test cost_pkuref_test \
          reward_refusal_test \
          xstest_pairs_unsafe xstest_pairs_safe; do
-  if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
+  src=$f; [[ $f == xstest_pairs_* ]] && src=$f$H
+  if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$src.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$src.jsonl" "$D/${f}_eval.jsonl"; fi
 done
 head -n $((EVAL_LIMIT > 0 ? EVAL_LIMIT : 128)) "$D/cost_test_hedged.jsonl" > "$D/cost_test_hedged_eval.jsonl"  # run 6's 128
 head -n 128 "$D/cost_test_eval.jsonl" > "$D/cost_test_curve.jsonl"      # the learning curves: a held-out subset
 head -n 100 "$D/reward_test_eval.jsonl" > "$D/reward_test_curve.jsonl"  # (all of it once at the end, step 3)
-XSTEST=$REAL/xstest_v2_prompts.csv
+XSTEST=$REAL/xstest_v2_prompts.csv; [ "$XSTEST_HALF" = true ] && XSTEST=$D/xstest_heldout.csv
 if [ "$EVAL_LIMIT" -gt 0 ]; then  # smoke: the first EVAL_LIMIT prompts of each label
   python - "$XSTEST" "$D/xstest_eval.csv" "$EVAL_LIMIT" <<'EOF'
 import csv, sys
@@ -138,14 +148,16 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
       --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_${name%%:*}.log" 2>&1 || exit 1
     printf 'scores_%s\t%s\n' "${name%%:*}" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
   done
-  #    the reward model on held-out HH questions, the answer against a refusal in wordings it never trained on
-  if [ ! -f "$OUT/scores_reward_refusal/preference.json" ]; then
+  #    the reward model on held-out HH questions, the answer against a refusal in wordings it never trained on; and
+  #    on the cost model's two refusal checks (the gate: what R − λC prefers on held-out pairs of the training sources)
+  for name in reward_refusal:reward_refusal_test reward_hhref:cost_hhref_test reward_pkuref:cost_pkuref_test; do
+    [ -f "$OUT/scores_${name%%:*}/preference.json" ] && continue
     t0=$SECONDS
-    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/reward" \
-      --eval_data "$D/reward_refusal_test_eval.jsonl" --output_dir "$OUT/scores_reward_refusal" \
-      --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_reward_refusal.log" 2>&1 || exit 1
-    printf 'scores_reward_refusal\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  fi
+    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/reward" --objective reward \
+      --eval_data "$D/${name#*:}_eval.jsonl" --output_dir "$OUT/scores_${name%%:*}" \
+      --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_${name%%:*}.log" 2>&1 || exit 1
+    printf 'scores_%s\t%s\n' "${name%%:*}" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+  done
   #    an independent check of both models on answers no stage trained on: XSTest prompts with one human-labelled
   #    refusal and one compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py)
   for kind in cost reward; do for lab in unsafe safe; do
@@ -162,7 +174,7 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
 wait $! || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
 #    d = the mean cost of a policy that answers the harmful prompts safely but for a share p and the benign ones at
 #    c_safe (BENIGN_LEVEL=pku) or at the held-out HH answers' mean cost (hh); scripts/threshold.py prints the arithmetic
-THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/prompts_mix_train.jsonl" "$P_UNSAFE" \
+THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/$PROMPT_TRAIN.jsonl" "$P_UNSAFE" \
   --benign "$OUT/scores_cost_hh/preference.json" --benign_level "$BENIGN_LEVEL")
 echo "$THRESHOLD" > "$OUT/threshold.txt"
 
@@ -172,7 +184,7 @@ echo "$THRESHOLD" > "$OUT/threshold.txt"
 #    docs/experiment/runs1-3.md, "Reading the two runs side by side")
 PPO="ppo_lagrangian.py --adv_estimator grpo --samples_per_prompt $GROUP --actor_model_name_or_path $MODEL
   --reward_model_name_or_path $OUT/reward --cost_model_name_or_path $OUT/cost $C
-  --prompt_data $D/prompts_mix_train.jsonl --eval_prompt_data=
+  --prompt_data $D/$PROMPT_TRAIN.jsonl --eval_prompt_data=
   --max_steps $(steps $ROLLOUTS) --per_device_prompt_batch_size 4 --per_device_train_batch_size 4 --max_new_tokens 64
   --max_prompt_length 128 --actor_lr 2e-5 --kl_coeff 0.02 --eval_every 0 --eval_samples_per_prompt 1 --save_every 4
   --threshold=$THRESHOLD --lambda_lr 0.2 --score_cut_as_ended"

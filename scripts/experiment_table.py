@@ -67,19 +67,30 @@ def hedge_probe(out):
 LAMBDAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # λ = 5 is the RL runs' cap (ppo_lagrangian.py --lambda_max)
 
 
-def lagrangian_preference(out, lambdas=LAMBDAS):
-    """What the RL objective prefers on XSTest's refusal-vs-compliance pairs (run 8), before any RL: per pair, the
-    refusal wins at multiplier λ when R(refusal) − λ·C(refusal) > R(compliance) − λ·C(compliance) (the per-answer
-    score PPO-Lagrangian maximises, Safe RLHF eq. 10-11, without the KL term), from the reward and cost models'
-    scores of the pairs (scores_xstest_{reward,cost}_{unsafe,safe}/scores.jsonl, in the order of
-    data/xstest_pairs_*_eval.jsonl, whose better_response_id is the compliance). -> {label: [(λ, share of pairs where
-    the refusal wins, CI)], "n": {label: pairs}}, or None if a file is missing. A policy can only learn the XSTest
-    target (refuse the unsafe prompts, answer the safe ones) if, at the λ it reaches, the refusal wins on most
-    unsafe pairs and on few safe ones."""
+# the pairs lagrangian_preference reads: per side (refusal should win | should lose), the reward and cost models'
+# scores and the pairs file (better_response_id = the compliance). XSTest's human-labelled answers are a diagnostic
+# (they are the test); the held-out pairs of the training sources are a gate a model may be chosen by.
+XSTEST_PAIRS = {lab: (f"scores_xstest_reward_{lab}", f"scores_xstest_cost_{lab}", f"xstest_pairs_{lab}_eval")
+                for lab in ("unsafe", "safe")}
+SOURCE_PAIRS = {"unsafe": ("scores_reward_pkuref", "scores_cost_pkuref", "cost_pkuref_test_eval"),
+                "safe": ("scores_reward_hhref", "scores_cost_hhref", "cost_hhref_test_eval")}
+
+
+def lagrangian_preference(out, sets=XSTEST_PAIRS, lambdas=LAMBDAS):
+    """What the RL objective prefers on refusal-vs-compliance pairs (run 8), before any RL: per pair, the refusal wins
+    at multiplier λ when R(refusal) − λ·C(refusal) > R(compliance) − λ·C(compliance) (the per-answer score
+    PPO-Lagrangian maximises, Safe RLHF eq. 10-11, without the KL term), from the reward and cost models' scores
+    (OUT/<scores dir>/scores.jsonl, in the order of OUT/data/<pairs>.jsonl, whose better_response_id is the
+    compliance). sets: {"unsafe" | "safe": (reward scores dir, cost scores dir, pairs file)}: XSTEST_PAIRS (XSTest's
+    prompts, a diagnostic) or SOURCE_PAIRS (held-out PKU prompts refused vs complied unsafely, held-out HH questions
+    answered vs refused: a gate on the training sources). -> {label: [(λ, share of pairs where the refusal wins, CI)],
+    "n": {label: pairs}}, or None if a file is missing. A policy can only learn to refuse selectively if, at the λ
+    it reaches, the refusal wins on most unsafe pairs and on few safe ones."""
     res = {"n": {}}
     for lab in ("unsafe", "safe"):
-        paths = [os.path.join(out, f"scores_xstest_{k}_{lab}", "scores.jsonl") for k in ("reward", "cost")]
-        paths.append(os.path.join(out, "data", f"xstest_pairs_{lab}_eval.jsonl"))
+        r_dir, c_dir, pairs_name = sets[lab]
+        paths = [os.path.join(out, d, "scores.jsonl") for d in (r_dir, c_dir)]
+        paths.append(os.path.join(out, "data", f"{pairs_name}.jsonl"))
         if not all(os.path.exists(p) for p in paths):
             return None
         rew, cost, pairs = (answers(p) for p in paths)
@@ -141,12 +152,15 @@ def main(out):
             lines.append(f"| {kind} learning curve (step: pairwise{' / sign' if kind == 'cost' else ''}, n held-out) | " + ", ".join(
                 f"{r['step']}: {r['eval/accuracy']:.1%}" + (f" / {r['eval/sign_accuracy']:.1%}" if "eval/sign_accuracy" in r else "")
                 + f" (n={int(r['eval/n_pairs'])})" for r in rows) + " | | | |")
-    pref = lagrangian_preference(out)
-    if pref:
-        lines += ["", f"What R − λ·C prefers on XSTest's refusal-vs-compliance pairs (before RL; {pref['n']['unsafe']} "
-                  f"unsafe / {pref['n']['safe']} safe prompts): the share where the refusal scores higher",
-                  "", "| λ | unsafe prompts: refusal wins ↑ | safe prompts: refusal wins ↓ |", "|---|---|---|"]
-        lines += [f"| {u[0]:g} | {pct(u[1])} | {pct(s[1])} |" for u, s in zip(pref["unsafe"], pref["safe"])]
+    for sets, what, sides in ((XSTEST_PAIRS, "XSTest's refusal-vs-compliance pairs", ("unsafe", "safe")),
+                              (SOURCE_PAIRS, "held-out pairs of the training sources (the gate)",
+                               ("PKU prompts, refusal vs unsafe answer", "HH questions, answer vs refusal"))):
+        pref = lagrangian_preference(out, sets)
+        if pref:
+            lines += ["", f"What R − λ·C prefers on {what} (before RL; {pref['n']['unsafe']} / {pref['n']['safe']} "
+                      "prompts): the share where the refusal scores higher",
+                      "", f"| λ | {sides[0]}: refusal wins ↑ | {sides[1]}: refusal wins ↓ |", "|---|---|---|"]
+            lines += [f"| {u[0]:g} | {pct(u[1])} | {pct(s[1])} |" for u, s in zip(pref["unsafe"], pref["safe"])]
     if os.path.exists(os.path.join(out, "threshold.txt")):
         lines += ["", f"Threshold d = {open(os.path.join(out, 'threshold.txt')).read().strip()}"]
     keys = ["train/reward", "train/cost", "train/unsafe_rate", "train/episode_cost", "train/lambda",

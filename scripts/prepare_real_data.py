@@ -97,6 +97,7 @@ def main():
                      (json.loads(line) for line in open(os.path.join(a.output_dir, "cost_test.jsonl"))))
     write_xstest_pairs(a.xstest_dir, a.output_dir)
     write_pku_refusal_check(a.output_dir)
+    write_xstest_split(a.xstest_dir, a.output_dir)
 
 
 def first_turn(dialogue):
@@ -209,7 +210,9 @@ def write_refusal_cost(out_dir, name):
 def write_pku_refusal_check(out_dir):
     """cost_pkuref_test.jsonl: per held-out PKU prompt, a refusal (REFUSALS_TEST, by crc32 of the prompt) against the
     prompt's first unsafe answer, the refusal safer (run 8): does the cost model still read a refusal of a harmful
-    request as cheaper than complying, once it has learned that refusing an ordinary one is not (cost_hhref)?"""
+    request as cheaper than complying, once it has learned that refusing an ordinary one is not (cost_hhref)?
+    better_response_id = the compliance, so the reward model scores the same rows (experiment_table's gate: what
+    R − λC prefers on held-out pairs of the training sources)."""
     out, seen = [], set()
     for r in (json.loads(line) for line in open(os.path.join(out_dir, "cost_test.jsonl"))):
         if r["prompt"] in seen:
@@ -217,7 +220,8 @@ def write_pku_refusal_check(out_dir):
         seen.add(r["prompt"])
         refusal = REFUSALS_TEST[zlib.crc32(("refusal " + r["prompt"]).encode()) % len(REFUSALS_TEST)]
         out.append({"prompt": r["prompt"], "response_0": refusal, "response_1": r["response_1"],
-                    "is_response_0_safe": True, "is_response_1_safe": False, "safer_response_id": 0})
+                    "is_response_0_safe": True, "is_response_1_safe": False, "safer_response_id": 0,
+                    "better_response_id": 1})  # helpfulness alone: the compliance (as in xstest_pairs)
     with open(os.path.join(out_dir, "cost_pkuref_test.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in out)
 
@@ -240,7 +244,8 @@ def write_tied_cost(dialogues, path, name):
         if err:
             continue
         row = {"prompt": pair["prompt"], "response_0": pair["response_0"], "response_1": pair["response_1"],
-               "is_response_0_safe": True, "is_response_1_safe": True, "safer_response_id": 0}
+               "is_response_0_safe": True, "is_response_1_safe": True, "safer_response_id": 0,
+               "better_response_id": 0}  # chosen: the more helpful (the reward model reads these rows too)
         if common.validate_row(row, "cost") is not None:
             continue
         out += [row] + ([{**row, "safer_response_id": 1}] if name == "train" else [])
@@ -316,6 +321,77 @@ def write_xstest_pairs(folder, out_dir):
         with open(os.path.join(out_dir, f"xstest_pairs_{lab}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"[real-data] XSTest refusal-vs-compliance pairs: {len(out['unsafe'])} unsafe prompts, {len(out['safe'])} safe")
+
+
+XSTEST_REPEAT = 5  # run 9: each XSTest training row this many times in cost_mix9_train (~1,000 of ~8,100 rows)
+
+
+def xstest_half(prompt):
+    """"train" or "test": run 9's split of XSTest v2 by prompt, a crc32 of its own (the pair files put the compliance
+    at crc32(prompt) % 2, so the split must not follow that parity)."""
+    return "train" if zlib.crc32(("xstest split " + prompt).encode()) % 2 == 0 else "test"
+
+
+def write_xstest_split(folder, out_dir):
+    """Run 9, a coverage test, not the independent XSTest measure: half of XSTest v2's prompts (xstest_half) train, the
+    other half evaluates. Every cost model of runs 2-8 reads answering XSTest's safe prompts as costlier than refusing
+    them (69-82% of pairs) because no training row pairs a benign request that sounds harmful with a safe answer;
+    run 9 asks whether Safe RLHF on this model refuses selectively once such rows exist. Writes:
+    - cost_xstest_train.jsonl: per train-half prompt with a human-labelled full compliance (XSTEST_MODELS' answers),
+      that compliance against a refusal (the other model's labelled refusal, else REFUSALS_TRAIN by crc32): on an
+      unsafe prompt the refusal is safe and safer, the compliance unsafe; on a safe prompt both are safe and the
+      compliance is the safer (the README's "what we would try next": a benign request answered is not to be avoided,
+      and refusing it is what XSTest counts as failure). The compliance's position follows crc32(prompt) % 2.
+    - cost_mix9_train.jsonl = cost_mix3_train (run 8) + cost_xstest_train XSTEST_REPEAT times.
+    - prompts_mix9_train.jsonl = prompts_mix_train + the train-half prompts (source xstest_unsafe | xstest_safe).
+    - xstest_heldout.csv (the prompts file of the held-out half, for evaluate.py --task xstest) and
+      xstest_pairs_{unsafe,safe}_heldout.jsonl (xstest_pairs_* on the held-out half)."""
+    import common
+    paths = [os.path.join(folder, "xstest_v2_prompts.csv")]
+    paths += [os.path.join(folder, f"xstest_v2_completions_{m}_labelled.csv") for m in XSTEST_MODELS]
+    table = list(csv.DictReader(open(paths[0], newline="")))
+    answers = [{r["prompt"]: r for r in csv.DictReader(open(p, newline=""))} for p in paths[1:]]
+    rows, prompts, skipped = [], [], 0
+    for r in table:
+        if xstest_half(r["prompt"]) != "train":
+            continue
+        prompts.append({"prompt": r["prompt"], "source": f"xstest_{r['label']}"})
+        got = [a[r["prompt"]] for a in answers if r["prompt"] in a]
+        comply = [g["completion"].strip() for g in got if g["final_label"].startswith("1")]
+        refuse = [g["completion"].strip() for g in got if g["final_label"][:1] in ("2", "3")]
+        if not comply or not comply[0]:
+            skipped += 1  # both models refused: no safe compliance to teach (nor an unsafe one on an unsafe prompt)
+            continue
+        refusal = refuse[0] if refuse and refuse[0] else \
+            REFUSALS_TRAIN[zlib.crc32(("refusal " + r["prompt"]).encode()) % len(REFUSALS_TRAIN)]
+        c, unsafe = zlib.crc32(r["prompt"].encode()) % 2, r["label"] == "unsafe"
+        resp = [None, None]
+        resp[c], resp[1 - c] = comply[0], refusal
+        row = {"prompt": r["prompt"], "response_0": resp[0], "response_1": resp[1],
+               "is_response_0_safe": not (unsafe and c == 0), "is_response_1_safe": not (unsafe and c == 1),
+               "safer_response_id": 1 - c if unsafe else c}
+        err = common.validate_row(row, "cost")
+        if err is not None:
+            raise SystemExit(f"error: {paths[0]}: XSTest prompt {r['prompt']!r}: {err}")
+        rows.append(row)
+    with open(os.path.join(out_dir, "cost_xstest_train.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in rows)
+    concat(out_dir, "cost_mix9_train", ("cost_mix3_train",) + ("cost_xstest_train",) * XSTEST_REPEAT)
+    with open(os.path.join(out_dir, "prompts_xstest_train.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in prompts)
+    concat(out_dir, "prompts_mix9_train", ("prompts_mix_train", "prompts_xstest_train"))
+    held = [r for r in table if xstest_half(r["prompt"]) == "test"]
+    with open(os.path.join(out_dir, "xstest_heldout.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(held)
+    for lab in ("unsafe", "safe"):
+        pairs = [json.loads(line) for line in open(os.path.join(out_dir, f"xstest_pairs_{lab}.jsonl"))]
+        with open(os.path.join(out_dir, f"xstest_pairs_{lab}_heldout.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs if xstest_half(p["prompt"]) == "test")
+    n_safe = sum(r["source"] == "xstest_safe" for r in prompts)
+    print(f"[real-data] XSTest split (run 9): {len(prompts)} train prompts ({n_safe} safe), {len(rows)} cost rows "
+          f"({skipped} with no compliance left out); {len(held)} held-out prompts")
 
 
 if __name__ == "__main__":

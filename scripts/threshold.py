@@ -16,6 +16,9 @@ import os
 import sys
 
 
+HARMFUL = ("pku", "xstest_unsafe")  # the sources whose prompts are harmful (xstest_unsafe: run 9's XSTest half)
+
+
 def threshold(c_safe, c_unsafe, f_harmful, p, c_benign):
     """-> d (module docstring)."""
     return f_harmful * (c_safe + p * (c_unsafe - c_safe)) + (1 - f_harmful) * c_benign
@@ -24,7 +27,7 @@ def threshold(c_safe, c_unsafe, f_harmful, p, c_benign):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("scores", help="preference.json of the cost model on held-out harmful-prompt pairs")
-    ap.add_argument("prompts", help="the RL prompt mix (rows tagged source = pku | hh)")
+    ap.add_argument("prompts", help="the RL prompt mix (rows tagged source = pku | hh | xstest_unsafe | xstest_safe)")
     ap.add_argument("p", type=float, help="the share of harmful prompts a policy may answer unsafely")
     ap.add_argument("--benign", default="", help="preference.json of the cost model on held-out benign answers")
     ap.add_argument("--benign_level", choices=("hh", "pku"), default="hh")
@@ -37,8 +40,8 @@ def main(argv=None):
     s = json.load(open(a.scores))
     rows = [json.loads(line) for line in open(a.prompts)]
     if not rows or any("source" not in r for r in rows):
-        raise SystemExit(f"error: {a.prompts}: every row needs a 'source' (pku | hh)")
-    f = sum(r["source"] == "pku" for r in rows) / len(rows)
+        raise SystemExit(f"error: {a.prompts}: every row needs a 'source' (pku | hh | xstest_unsafe | xstest_safe)")
+    f = sum(r["source"] in HARMFUL for r in rows) / len(rows)
     cs, cu = s["safe_score_mean"], s["unsafe_score_mean"]
     cb = json.load(open(a.benign))["safe_score_mean"] if a.benign_level == "hh" else cs
     d = threshold(cs, cu, f, a.p, cb)

@@ -152,6 +152,40 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
             assert (r[f"is_response_{c}_safe"], r[f"is_response_{1 - c}_safe"]) == ((False, True) if lab == "unsafe" else (True, True))
             assert r["safer_response_id"] == (1 - c if lab == "unsafe" else c)
     assert len(rd("xstest_pairs_unsafe")) > 100 and len(rd("xstest_pairs_safe")) > 50
+    # run 9's coverage test: XSTest split by prompt; the train half's human-labelled compliances as cost rows (unsafe
+    # prompt: the refusal safer, the compliance unsafe; safe prompt: both safe, the compliance safer) and its prompts
+    # in the RL mix; nothing of the held-out half in any training file; the held-out prompts and pairs files
+    from prepare_real_data import XSTEST_REPEAT, xstest_half
+    table = list(csv.DictReader(open(os.path.join(REAL, "xstest_v2_prompts.csv"))))
+    half = {r["prompt"]: xstest_half(r["prompt"]) for r in table}
+    assert 180 < sum(h == "test" for h in half.values()) < 270
+    rows = rd("cost_xstest_train")
+    assert len(rows) > 150 and {r["prompt"] for r in rows} <= {p for p, h in half.items() if h == "train"}
+    for r in rows:
+        c = [i for i in (0, 1) if done[r["prompt"]].get(r[f"response_{i}"]) == "1_full_compliance"]
+        assert len(c) == 1 and common.validate_row(r, "cost") is None
+        c = c[0]
+        refusal = r[f"response_{1 - c}"]
+        assert done[r["prompt"]].get(refusal) in ("2_full_refusal", "3_partial_refusal") or refusal in REFUSALS_TRAIN
+        if label[r["prompt"]] == "unsafe":
+            assert (r[f"is_response_{c}_safe"], r[f"is_response_{1 - c}_safe"], r["safer_response_id"]) == (False, True, 1 - c)
+        else:
+            assert (r[f"is_response_{c}_safe"], r[f"is_response_{1 - c}_safe"], r["safer_response_id"]) == (True, True, c)
+    assert {label[r["prompt"]] for r in rows} == {"safe", "unsafe"} and {r["safer_response_id"] for r in rows} == {0, 1}
+    assert rd("cost_mix9_train") == rd("cost_mix3_train") + rows * XSTEST_REPEAT
+    xs_train = rd("prompts_xstest_train")
+    assert [r["prompt"] for r in xs_train] == [r["prompt"] for r in table if half[r["prompt"]] == "train"]
+    assert all(r["source"] == "xstest_" + label[r["prompt"]] for r in xs_train)
+    assert rd("prompts_mix9_train") == mix["train"] + xs_train
+    held = list(csv.DictReader(open(tmp_path / "xstest_heldout.csv")))
+    assert held == [r for r in table if half[r["prompt"]] == "test"]
+    trained = {r["prompt"] for r in rd("cost_mix9_train") + rd("prompts_mix9_train") + rd("reward_refmix_train")
+               if "prompt" in r}
+    assert not trained & {r["prompt"] for r in held}
+    for lab in ("unsafe", "safe"):
+        assert rd(f"xstest_pairs_{lab}_heldout") == [r for r in rd(f"xstest_pairs_{lab}") if half[r["prompt"]] == "test"]
+    # the reward model reads the two refusal checks too (the gate): better_response_id = the answer / compliance
+    assert {r["better_response_id"] for r in rd("cost_hhref_test")} == {0} and {r["better_response_id"] for r in pkuref} == {1}
 
 
 def test_the_real_model_is_what_the_issue_says(smollm2):
@@ -286,30 +320,37 @@ def test_experiment_table_counts_refused_hh_answers_per_policy(tmp_path):
     assert rows["| rl"][9].startswith("0.0% [0.0%, 0.0%]")  # no answer ended with EOS
 
 
-def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_xstest_pairs(tmp_path):
-    """scripts/experiment_table.py lagrangian_preference: per XSTest pair the refusal wins at λ when
-    R(refusal) − λ C(refusal) > R(compliance) − λ C(compliance); by hand, with the compliance on both sides."""
+@pytest.mark.parametrize("which", ["xstest", "sources"])
+def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_refusal_pairs(tmp_path, which):
+    """scripts/experiment_table.py lagrangian_preference: per pair the refusal wins at λ when
+    R(refusal) − λ C(refusal) > R(compliance) − λ C(compliance); by hand, with the compliance on both sides; on
+    XSTest's pairs (the diagnostic) and on the held-out training-source pairs (the gate), each read from its own files."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from experiment_table import SOURCE_PAIRS, XSTEST_PAIRS
+    sets = XSTEST_PAIRS if which == "xstest" else SOURCE_PAIRS
     pairs = {"unsafe": [("a", 0, (1.0, 0.0), (1.0, -1.0)),   # refusal wins iff 2λ > 1
                         ("b", 1, (-2.0, 0.0), (0.0, 0.2))],  # iff 0.2λ > 2: never at λ <= 5
              "safe": [("c", 0, (0.5, 0.0), (0.3, 0.0))]}     # iff 0.3λ > 0.5
     os.makedirs(tmp_path / "data")
     for lab, rows in pairs.items():
-        with open(tmp_path / "data" / f"xstest_pairs_{lab}_eval.jsonl", "w") as f:
+        r_dir, c_dir, name = sets[lab]
+        with open(tmp_path / "data" / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"prompt": p, "response_0": "x", "response_1": "y", "better_response_id": c}) + "\n"
                          for p, c, _, _ in rows)
-        for k, kind in ((2, "reward"), (3, "cost")):
-            os.makedirs(tmp_path / f"scores_xstest_{kind}_{lab}")
-            with open(tmp_path / f"scores_xstest_{kind}_{lab}" / "scores.jsonl", "w") as f:
+        for k, d in ((2, r_dir), (3, c_dir)):
+            os.makedirs(tmp_path / d)
+            with open(tmp_path / d / "scores.jsonl", "w") as f:
                 f.writelines(json.dumps({"prompt": r[0], "score_0": r[k][0], "score_1": r[k][1]}) + "\n" for r in rows)
     out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    assert "(before RL; 2 unsafe / 1 safe prompts)" in out
+    title = "XSTest's refusal-vs-compliance pairs" if which == "xstest" else "held-out pairs of the training sources (the gate)"
+    assert f"{title} (before RL; 2 / 1 prompts)" in out and out.count("(before RL;") == 1
     got = [line for line in out.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ("0", "0.5", "1", "2", "5")]
     z, all_ = "0.0% [0.0%, 0.0%]", "100.0% [100.0%, 100.0%]"
     assert [g.split(" | ")[0] for g in got] == ["| 0", "| 0.5", "| 1", "| 2", "| 5"]
     assert [g.split(" | ")[2] for g in got] == [z + " |", z + " |", z + " |", all_ + " |", all_ + " |"]
     assert [g.split(" | ")[1][:5] for g in got] == ["0.0% ", "0.0% ", "50.0%", "50.0%", "50.0%"]
-    with open(tmp_path / "scores_xstest_cost_safe" / "scores.jsonl", "a") as f:  # a row the pairs file lacks
+    with open(tmp_path / sets["safe"][1] / "scores.jsonl", "a") as f:  # a row the pairs file lacks
         f.write(json.dumps({"prompt": "d", "score_0": 0.0, "score_1": 0.0}) + "\n")
     p = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
@@ -328,6 +369,9 @@ def test_threshold_arithmetic_by_hand(tmp_path):
                                   timeout=60)
     assert float(d().stdout) == pytest.approx(0.75 * (-1 + 0.1 * 2) + 0.25 * -2)  # -1.1
     assert float(d("--benign_level", "pku").stdout) == pytest.approx(-1 + 0.75 * 0.1 * 2)  # -0.85
+    with open(tmp_path / "mix.jsonl", "a") as f:  # run 9's XSTest half: an unsafe prompt is harmful, a safe one benign
+        f.writelines(json.dumps({"prompt": s, "source": s}) + "\n" for s in ["xstest_unsafe", "xstest_safe", "xstest_safe"])
+    assert float(d().stdout) == pytest.approx(4 / 7 * (-1 + 0.1 * 2) + 3 / 7 * -2, abs=1e-3)  # f = 4 harmful of 7
     (tmp_path / "mix.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
     bad = d()
     assert bad.returncode != 0 and "needs a 'source'" in bad.stderr and not bad.stdout
