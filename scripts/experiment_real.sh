@@ -124,54 +124,41 @@ stage reward "$OUT/reward/config.json" train_preference.py --objective reward --
   --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate 5e-5 --freeze_layers 24 \
   --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 
-# 3-4. side by side, one thread each: held-out accuracy with CIs (-> the threshold d) and the safety-SFT baseline
-#      row (SFT on the PKU safe answers; not the starting policy). Logs: $OUT/scores_*.log, $OUT/safety_sft.log
-( for kind in cost reward; do
-    [ -f "$OUT/scores_$kind/preference.json" ] && continue
-    t0=$SECONDS
-    OMP_NUM_THREADS=1 python evaluate.py --task preference \
-      --model_name_or_path "$OUT/$kind" --eval_data "$D/${kind}_test_eval.jsonl" --output_dir "$OUT/scores_$kind" \
-      --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_$kind.log" 2>&1 || exit 1
-    printf 'scores_%s\t%s\n' "$kind" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  done
-  #    the cost model on held-out benign answers (HH-helpful, both safe): its sign accuracy = the share read as safe;
-  #    on held-out HH harmless-base pairs (harm in HH's register: is the less harmful answer cheaper?); and on the
-  #    held-out PKU pairs with run 5's hedged opening before each unsafe answer (does the opening buy a lower cost?)
-  #    (run 8) and on held-out HH questions answered vs refused (both safe: is answering read as no costlier?) and on
-  #    held-out PKU prompts refused vs complied unsafely (is refusing a harmful request still read as cheaper?)
-  for name in cost_hh:cost_hh_test cost_harmless:cost_harmless_test cost_hedged:cost_test_hedged \
-              cost_hhref:cost_hhref_test cost_pkuref:cost_pkuref_test; do
-    [ -f "$OUT/scores_${name%%:*}/preference.json" ] && continue
-    t0=$SECONDS
-    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/cost" \
-      --eval_data "$D/${name#*:}_eval.jsonl" --output_dir "$OUT/scores_${name%%:*}" \
-      --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_${name%%:*}.log" 2>&1 || exit 1
-    printf 'scores_%s\t%s\n' "${name%%:*}" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  done
-  #    the reward model on held-out HH questions, the answer against a refusal in wordings it never trained on; and
-  #    on the cost model's two refusal checks (the gate: what R − λC prefers on held-out pairs of the training sources)
-  for name in reward_refusal:reward_refusal_test reward_hhref:cost_hhref_test reward_pkuref:cost_pkuref_test; do
-    [ -f "$OUT/scores_${name%%:*}/preference.json" ] && continue
-    t0=$SECONDS
-    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/reward" --objective reward \
-      --eval_data "$D/${name#*:}_eval.jsonl" --output_dir "$OUT/scores_${name%%:*}" \
-      --max_length 384 --batch_size 8 --skip_invalid_rows $C $CUT > "$OUT/scores_${name%%:*}.log" 2>&1 || exit 1
-    printf 'scores_%s\t%s\n' "${name%%:*}" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  done
-  #    an independent check of both models on answers no stage trained on: XSTest prompts with one human-labelled
-  #    refusal and one compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py)
-  for kind in cost reward; do for lab in unsafe safe; do
-    [ -f "$OUT/scores_xstest_${kind}_$lab/preference.json" ] && continue
-    t0=$SECONDS
-    OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/$kind" \
-      --eval_data "$D/xstest_pairs_${lab}_eval.jsonl" --output_dir "$OUT/scores_xstest_${kind}_$lab" \
-      --max_length 384 --batch_size 8 $C $CUT > "$OUT/scores_xstest_${kind}_$lab.log" 2>&1 || exit 1
-    printf 'scores_xstest_%s_%s\t%s\n' "$kind" "$lab" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
-  done; done ) &
+# 3-4. side by side, one thread each: the two score models' checks (held-out accuracy with CIs -> the threshold d)
+#      and the safety-SFT baseline row (SFT on the PKU safe answers; not the starting policy). Logs: $OUT/scores_*.log,
+#      $OUT/safety_sft.log
+# score NAME MODEL DATA [flags]: evaluate.py --task preference of $OUT/MODEL on $D/DATA_eval.jsonl -> $OUT/scores_NAME
+score() {
+  local name=$1 model=$2 data=$3; shift 3
+  [ -f "$OUT/scores_$name/preference.json" ] && return 0
+  local t0=$SECONDS
+  OMP_NUM_THREADS=1 python evaluate.py --task preference --model_name_or_path "$OUT/$model" \
+    --eval_data "$D/${data}_eval.jsonl" --output_dir "$OUT/scores_$name" --max_length 384 --batch_size 8 $C $CUT "$@" \
+    > "$OUT/scores_$name.log" 2>&1 || return 1
+  printf 'scores_%s\t%s\n' "$name" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+}
+#    the cost model: held-out PKU pairs (-> d); held-out benign HH answers (both safe: its sign accuracy = the share
+#    read as safe; -> d with BENIGN_LEVEL=hh); held-out HH harmless-base pairs (harm in HH's register: is the less
+#    harmful answer cheaper?); the held-out PKU pairs with run 5's hedged opening before each unsafe answer (does the
+#    opening buy a lower cost?); held-out HH questions answered vs refused (both safe: is answering read as no
+#    costlier? run 8); held-out PKU prompts refused vs complied unsafely (is refusing a harmful request cheaper?)
+( score cost cost cost_test --skip_invalid_rows && score cost_hh cost cost_hh_test &&
+  score cost_harmless cost cost_harmless_test && score cost_hedged cost cost_test_hedged &&
+  score cost_hhref cost cost_hhref_test && score cost_pkuref cost cost_pkuref_test &&
+  #  an independent check on answers no stage trained on: XSTest prompts with one human-labelled refusal and one
+  #  compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py); XSTEST_HALF: the held-out half
+  score xstest_cost_unsafe cost xstest_pairs_unsafe && score xstest_cost_safe cost xstest_pairs_safe ) & p_cost=$!
+#    the reward model: held-out HH-helpful pairs; held-out HH questions, the answer against a refusal in wordings it
+#    never trained on; the cost model's two refusal checks (the gate: what R − λC prefers on held-out pairs of the
+#    training sources); the XSTest pairs
+( score reward reward reward_test --skip_invalid_rows &&
+  score reward_refusal reward reward_refusal_test --skip_invalid_rows &&
+  score reward_hhref reward cost_hhref_test --objective reward && score reward_pkuref reward cost_pkuref_test --objective reward &&
+  score xstest_reward_unsafe reward xstest_pairs_unsafe && score xstest_reward_safe reward xstest_pairs_safe ) & p_reward=$!
 [[ " $ROWS " == *" safety_sft "* ]] && OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1
-wait $! || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
+wait $p_cost && wait $p_reward || { echo "[experiment] score evaluation failed (see $OUT/scores_*.log)"; exit 1; }
 #    d = the mean cost of a policy that answers the harmful prompts safely but for a share p and the benign ones at
 #    c_safe (BENIGN_LEVEL=pku) or at the held-out HH answers' mean cost (hh); scripts/threshold.py prints the arithmetic
 THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/$PROMPT_TRAIN.jsonl" "$P_UNSAFE" \
