@@ -153,7 +153,7 @@ score() {
 #    training sources); the XSTest pairs
 ( score reward reward reward_test --skip_invalid_rows &&
   score reward_refusal reward reward_refusal_test --skip_invalid_rows &&
-  score reward_hhref reward cost_hhref_test --objective reward && score reward_pkuref reward cost_pkuref_test --objective reward &&
+  score reward_hhref reward cost_hhref_test && score reward_pkuref reward cost_pkuref_test &&
   score xstest_reward_unsafe reward xstest_pairs_unsafe && score xstest_reward_safe reward xstest_pairs_safe ) & p_reward=$!
 [[ " $ROWS " == *" safety_sft "* ]] && OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \

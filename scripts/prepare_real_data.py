@@ -289,20 +289,38 @@ def write_harmless(path, out_dir):
 XSTEST_MODELS = ("llama2new", "mistralinstruct")
 
 
-def write_xstest_pairs(folder, out_dir):
-    """xstest_pairs_{unsafe,safe}.jsonl: per XSTest v2 prompt whose two labelled answers (XSTEST_MODELS) are one
-    refusal (human final_label 2_full_refusal or 3_partial_refusal) and one full compliance (1_full_compliance), the
-    pair in the PKU-SafeRLHF schema (module docstring). The compliance is response_0 or response_1 by crc32 parity, so
-    no reading of a position can pass for a reading of the answers."""
+def read_xstest(folder):
+    """-> (the rows of XSTest v2's prompts file, [{prompt: labelled answer row} per XSTEST_MODELS]) from folder."""
     paths = [os.path.join(folder, "xstest_v2_prompts.csv")]
     paths += [os.path.join(folder, f"xstest_v2_completions_{m}_labelled.csv") for m in XSTEST_MODELS]
     for p in paths:
         if not os.path.exists(p):
             raise SystemExit(f"error: {p} does not exist (the real rows live in ../shared/data/real)")
-    label = {r["prompt"]: r["label"] for r in csv.DictReader(open(paths[0], newline=""))}
-    answers = [{r["prompt"]: r for r in csv.DictReader(open(p, newline=""))} for p in paths[1:]]
+    table = list(csv.DictReader(open(paths[0], newline="")))
+    return table, [{r["prompt"]: r for r in csv.DictReader(open(p, newline=""))} for p in paths[1:]]
+
+
+def xstest_pair(prompt, unsafe, comply, refusal):
+    """A compliance and a refusal of an XSTest prompt as a row of the PKU-SafeRLHF schema: the compliance at
+    crc32(prompt) % 2, so no reading of a position can pass for a reading of the answers; better_response_id = the
+    compliance (helpfulness alone; the cost model does not read it); on an unsafe prompt the compliance is unsafe and the refusal the safer, on a safe
+    one both are safe and the compliance the safer (nothing to avoid there)."""
+    c = zlib.crc32(prompt.encode()) % 2
+    resp = [None, None]
+    resp[c], resp[1 - c] = comply, refusal
+    return {"prompt": prompt, "response_0": resp[0], "response_1": resp[1],
+            "is_response_0_safe": not (unsafe and c == 0), "is_response_1_safe": not (unsafe and c == 1),
+            "better_response_id": c, "safer_response_id": 1 - c if unsafe else c}
+
+
+def write_xstest_pairs(folder, out_dir):
+    """xstest_pairs_{unsafe,safe}.jsonl: per XSTest v2 prompt whose two labelled answers (XSTEST_MODELS) are one
+    refusal (human final_label 2_full_refusal or 3_partial_refusal) and one full compliance (1_full_compliance), the
+    pair in the PKU-SafeRLHF schema (xstest_pair, module docstring) with the prompt's type."""
+    table, answers = read_xstest(folder)
     out = {"unsafe": [], "safe": []}
-    for prompt, lab in label.items():
+    for row in table:
+        prompt, lab = row["prompt"], row["label"]
         if not all(prompt in a for a in answers):
             continue  # a prompt one completion file lacks (1 of 450 in v2)
         pair = [a[prompt] for a in answers]
@@ -310,13 +328,8 @@ def write_xstest_pairs(folder, out_dir):
         if sorted(k == "1" for k in kinds) != [False, True]:
             continue  # both complied or both refused: no contrast
         comply, refuse = (pair[0], pair[1]) if kinds[0] == "1" else (pair[1], pair[0])
-        c = zlib.crc32(prompt.encode()) % 2  # the compliance's position
-        resp = [None, None]
-        resp[c], resp[1 - c] = comply["completion"].strip(), refuse["completion"].strip()
-        unsafe = lab == "unsafe"
-        out[lab].append({"prompt": prompt, "response_0": resp[0], "response_1": resp[1], "type": comply["type"],
-                         "is_response_0_safe": not (unsafe and c == 0), "is_response_1_safe": not (unsafe and c == 1),
-                         "better_response_id": c, "safer_response_id": 1 - c if unsafe else c})
+        out[lab].append({**xstest_pair(prompt, lab == "unsafe", comply["completion"].strip(),
+                                       refuse["completion"].strip()), "type": comply["type"]})
     for lab, rows in out.items():
         with open(os.path.join(out_dir, f"xstest_pairs_{lab}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -341,16 +354,13 @@ def write_xstest_split(folder, out_dir):
       that compliance against a refusal (the other model's labelled refusal, else REFUSALS_TRAIN by crc32): on an
       unsafe prompt the refusal is safe and safer, the compliance unsafe; on a safe prompt both are safe and the
       compliance is the safer (the README's "what we would try next": a benign request answered is not to be avoided,
-      and refusing it is what XSTest counts as failure). The compliance's position follows crc32(prompt) % 2.
+      and refusing it is what XSTest counts as failure; xstest_pair).
     - cost_mix9_train.jsonl = cost_mix3_train (run 8) + cost_xstest_train XSTEST_REPEAT times.
     - prompts_mix9_train.jsonl = prompts_mix_train + the train-half prompts (source xstest_unsafe | xstest_safe).
     - xstest_heldout.csv (the prompts file of the held-out half, for evaluate.py --task xstest) and
       xstest_pairs_{unsafe,safe}_heldout.jsonl (xstest_pairs_* on the held-out half)."""
     import common
-    paths = [os.path.join(folder, "xstest_v2_prompts.csv")]
-    paths += [os.path.join(folder, f"xstest_v2_completions_{m}_labelled.csv") for m in XSTEST_MODELS]
-    table = list(csv.DictReader(open(paths[0], newline="")))
-    answers = [{r["prompt"]: r for r in csv.DictReader(open(p, newline=""))} for p in paths[1:]]
+    table, answers = read_xstest(folder)
     rows, prompts, skipped = [], [], 0
     for r in table:
         if xstest_half(r["prompt"]) != "train":
@@ -364,15 +374,10 @@ def write_xstest_split(folder, out_dir):
             continue
         refusal = refuse[0] if refuse and refuse[0] else \
             REFUSALS_TRAIN[zlib.crc32(("refusal " + r["prompt"]).encode()) % len(REFUSALS_TRAIN)]
-        c, unsafe = zlib.crc32(r["prompt"].encode()) % 2, r["label"] == "unsafe"
-        resp = [None, None]
-        resp[c], resp[1 - c] = comply[0], refusal
-        row = {"prompt": r["prompt"], "response_0": resp[0], "response_1": resp[1],
-               "is_response_0_safe": not (unsafe and c == 0), "is_response_1_safe": not (unsafe and c == 1),
-               "safer_response_id": 1 - c if unsafe else c}
+        row = xstest_pair(r["prompt"], r["label"] == "unsafe", comply[0], refusal)
         err = common.validate_row(row, "cost")
         if err is not None:
-            raise SystemExit(f"error: {paths[0]}: XSTest prompt {r['prompt']!r}: {err}")
+            raise SystemExit(f"error: XSTest prompt {r['prompt']!r}: {err}")
         rows.append(row)
     with open(os.path.join(out_dir, "cost_xstest_train.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in rows)
