@@ -381,6 +381,28 @@ def freeze_bottom_layers(model, n):
     return model
 
 
+def train_step(model, opt, sched, pairs, acc, recent, args, groups, pad_id, device, world, step):
+    """One optimiser step of eq. 5 / eq. 6 on this rank's pairs, in `acc` micro-batches of equal size (gradients
+    synchronised on the last); each pair's end scores go to `recent` (score_statistics reads them, no extra pass).
+    -> (loss, pairwise accuracy, tokens per rank: all averaged over ranks; the clipped-before gradient norm)."""
+    size, loss_sum, right = len(pairs) // acc, 0.0, 0.0
+    for k in range(acc):
+        model.set_requires_gradient_sync(k == acc - 1)
+        loss, hi, lo = batch_loss(model, make_batch(pairs[k * size:(k + 1) * size], pad_id, device), args, groups)
+        (loss / acc).backward()
+        loss_sum += loss.item() / acc
+        recent.extend(torch.cat([hi, lo]).detach().float().tolist())
+        right += common.preference_hits(hi, lo, args.objective).mean().item() / acc
+    tokens = sum(len(a) + len(b) for a, b, *_ in pairs)
+    loss_g, acc_g, tokens = (common.all_reduce(torch.tensor([loss_sum, right, tokens])) / world).tolist()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+    common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.objective} step {step + 1}",
+                        same_on_all_ranks=True)
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    return loss_g, acc_g, tokens, gnorm
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.setup_distributed()
@@ -394,12 +416,10 @@ def main(argv=None):
     train_rows = common.load_rows(args.train_data, kind, args.skip_invalid_rows, "--train_data")
     eval_rows = common.load_rows(args.eval_data, kind, args.skip_invalid_rows, "--eval_data") if args.eval_data else []
     tokenizer = common.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    train = make_pairs(train_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.train_data,
-                       args.truncate_long_prompts, groups, args.severity_weighted, args.cut_response_tokens,
-                       args.cut_appends_eos)
-    evald = make_pairs(eval_rows, args.objective, tokenizer, args.max_length, args.chat_template, args.eval_data,
-                       args.truncate_long_prompts, groups, args.severity_weighted, args.cut_response_tokens,
-                       args.cut_appends_eos) if eval_rows else []
+    train, evald = (make_pairs(rows, args.objective, tokenizer, args.max_length, args.chat_template, path,
+                               args.truncate_long_prompts, groups, args.severity_weighted, args.cut_response_tokens,
+                               args.cut_appends_eos) if rows else []
+                    for rows, path in ((train_rows, args.train_data), (eval_rows, args.eval_data)))
     if groups:
         check_groups_have_harm(train, groups, args.train_data, args.allow_empty_cost_groups)
     global_batch, acc, steps_per_epoch, total = common.plan_steps(
@@ -451,22 +471,8 @@ def main(argv=None):
         idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
         if acc > 1:  # micro-batches of similar length pad less; each holds the same number of pairs: same step
             idx = sorted(idx, key=lambda j: max(len(train[j][0]), len(train[j][1])))
-        size, loss_sum, right = len(idx) // acc, 0.0, 0.0
-        for k in range(acc):
-            model.set_requires_gradient_sync(k == acc - 1)
-            batch = make_batch([train[j] for j in idx[k * size:(k + 1) * size]], pad_id, device)
-            loss, hi, lo = batch_loss(model, batch, args, groups)
-            (loss / acc).backward()
-            loss_sum += loss.item() / acc
-            recent.extend(torch.cat([hi, lo]).detach().float().tolist())  # for score_statistics: no extra pass
-            right += common.preference_hits(hi, lo, args.objective).mean().item() / acc
-        tokens = sum(len(train[j][0]) + len(train[j][1]) for j in idx)
-        loss_g, acc_g, tokens = (common.all_reduce(torch.tensor([loss_sum, right, tokens])) / world).tolist()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.objective} step {step + 1}",
-                            same_on_all_ranks=True)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        loss_g, acc_g, tokens, gnorm = train_step(model, opt, sched, [train[j] for j in idx], acc, recent, args,
+                                                  groups, pad_id, device, world, step)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == 1 or step == total:
