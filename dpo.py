@@ -259,6 +259,35 @@ def evaluate(model, ref, pairs, ref_lp, args, pad_id, rank, world, device):
             "eval/n_pairs": int(s[3].item())}
 
 
+def train_step(model, opt, sched, pairs, refs, acc, args, pad_id, device, world, step):
+    """One optimiser step of the DPO / SafeDPO loss (+ RPO's NLL term) on this rank's pairs and their frozen
+    reference log-probabilities (refs: (chosen, rejected) per pair), in `acc` micro-batches of equal size (gradients
+    synchronised on the last). -> (loss, reward margin, accuracy, chosen reward, chosen NLL: averaged over ranks;
+    the gradient norm before clipping)."""
+    size, sums = len(pairs) // acc, torch.zeros(5, dtype=torch.float64)  # loss, margin, accuracy, chosen reward, NLL
+    for k in range(acc):
+        model.set_requires_gradient_sync(k == acc - 1)
+        part, ref = pairs[k * size:(k + 1) * size], refs[k * size:(k + 1) * size]
+        ids, tgt, h_w, h_l = make_batch(part, pad_id, device)
+        lp = sequence_logps(model, ids, tgt)
+        B = len(part)
+        rw = torch.tensor([x[0] for x in ref], device=device)
+        rl = torch.tensor([x[1] for x in ref], device=device)
+        loss, c, r = dpo_loss(lp[:B], lp[B:], rw, rl, args.beta, margins(h_w, h_l, args))
+        nll = chosen_nll(lp[:B], tgt[:B].sum(-1))
+        loss = rpo_loss(loss, nll, args.nll_coeff)
+        (loss / acc).backward()
+        sums += torch.tensor([loss.item(), (c - r).mean().item(), (c > r).float().mean().item(),
+                              c.mean().item(), nll.item()], dtype=torch.float64) / acc
+    loss_g, margin_g, acc_g, chosen_g, nll_g = (common.all_reduce(sums) / world).tolist()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+    common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.loss} step {step + 1}",
+                        same_on_all_ranks=True)
+    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+    return loss_g, margin_g, acc_g, chosen_g, nll_g, gnorm
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = common.setup_distributed()
@@ -331,27 +360,9 @@ def main(argv=None):
         idx = common.batch_indices(len(train), global_batch, rank, world, args.seed, step, steps_per_epoch)
         if acc > 1:  # micro-batches of similar length pad less; each holds the same number of pairs: same step
             idx = sorted(idx, key=lambda j: max(len(train[j].w), len(train[j].l)))
-        size, sums = len(idx) // acc, torch.zeros(5, dtype=torch.float64)  # loss, margin, accuracy, chosen reward, NLL
-        for k in range(acc):
-            model.set_requires_gradient_sync(k == acc - 1)
-            part = idx[k * size:(k + 1) * size]
-            ids, tgt, h_w, h_l = make_batch([train[j] for j in part], pad_id, device)
-            lp = sequence_logps(model, ids, tgt)
-            B = len(part)
-            rw = torch.tensor([ref_train[j][0] for j in part], device=device)
-            rl = torch.tensor([ref_train[j][1] for j in part], device=device)
-            loss, c, r = dpo_loss(lp[:B], lp[B:], rw, rl, args.beta, margins(h_w, h_l, args))
-            nll = chosen_nll(lp[:B], tgt[:B].sum(-1))
-            loss = rpo_loss(loss, nll, args.nll_coeff)
-            (loss / acc).backward()
-            sums += torch.tensor([loss.item(), (c - r).mean().item(), (c > r).float().mean().item(),
-                                  c.mean().item(), nll.item()], dtype=torch.float64) / acc
-        loss_g, margin_g, acc_g, chosen_g, nll_g = (common.all_reduce(sums) / world).tolist()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        common.check_finite({"loss": loss_g, "gradient norm": gnorm}, f"{args.loss} step {step + 1}",
-                            same_on_all_ranks=True)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        loss_g, margin_g, acc_g, chosen_g, nll_g, gnorm = train_step(
+            model, opt, sched, [train[j] for j in idx], [ref_train[j] for j in idx], acc, args, pad_id, device, world,
+            step)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == 1 or step == total:
