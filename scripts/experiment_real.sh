@@ -32,6 +32,12 @@
 #     REWARD_TRAIN=reward_refmix_train REWARD_STEPS=300 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment9 \
 #     bash scripts/experiment_real.sh          # run 9, a coverage test: run 8 + half of XSTest's prompts in the cost
 #                                                # rows and the RL prompts; XSTest measured on the other half only
+#   BF16=true COST_TRAIN=cost_mix10_train COST_FREEZE=0 COST_LR=3e-5 COST_STEPS=300 PROMPT_TRAIN=prompts_mix9_train XSTEST_HALF=true \
+#     BENIGN_LEVEL=hh REWARD_TRAIN=reward_refmix_train REWARD_STEPS=300 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" \
+#     OUT=output/experiment10 bash scripts/experiment_real.sh
+#                                                # run 10: run 9 with all 30 blocks of the cost model trained (300
+#                                                # steps, lr 3e-5) and the XSTest rows 15 times over (run 9's model
+#                                                # did not fit its own rows)
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -56,6 +62,9 @@ COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only
 REWARD_TRAIN=${REWARD_TRAIN:-reward_train}  # the reward model's rows: HH helpful-base; reward_refmix_train: + each
                                             # single-turn HH question's answer preferred to a refusal of it (run 7)
 REWARD_STEPS=${REWARD_STEPS:-250}   # reward-model steps of 4 pairs
+COST_FREEZE=${COST_FREEZE:-24}      # the cost model's bottom blocks left untrained (of 30; 0: all trained, run 10)
+COST_LR=${COST_LR:-5e-5}            # the cost model's peak learning rate (run 10, all blocks: 3e-5)
+COST_STEPS=${COST_STEPS:-600}       # cost-model steps of 4 pairs (run 10: 300; all 30 blocks: ~6.5 s a step)
 BF16=${BF16:-false}                 # bf16 compute in every stage (true: the fast dtype on a CPU with fast bf16)
 PROMPT_TRAIN=${PROMPT_TRAIN:-prompts_mix_train}  # the RL prompts (and the mix d reads); prompts_mix9_train: + half of
                                                 # XSTest's prompts (run 9)
@@ -88,7 +97,7 @@ H=""; [ "$XSTEST_HALF" = true ] && H=_heldout
 for f in prompts_test prompts_hh_test prompts_mix_test cost_test cost_hh_test cost_harmless_test reward_test \
          cost_hhref_test cost_pkuref_test \
          reward_refusal_test \
-         xstest_pairs_unsafe xstest_pairs_safe; do
+         xstest_pairs_unsafe xstest_pairs_safe cost_xstest_train_unsafe cost_xstest_train_safe; do
   src=$f; [[ $f == xstest_pairs_* ]] && src=$f$H
   if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$src.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$src.jsonl" "$D/${f}_eval.jsonl"; fi
 done
@@ -112,11 +121,11 @@ C="--chat_template --bf16 $BF16"
 #      (small evaluation batches: they pad less, and a forward pass over all 506 pairs costs ~5 min on this CPU)
 #      SCORE_CUT > 0: each answer cut to its first SCORE_CUT tokens + EOS, as the RL below reads its rollouts
 #      (--score_cut_as_ended), so the models are calibrated on what they score (run 3; the same steps as run 2)
-CM=$(steps 600); RM=$(steps "$REWARD_STEPS")
+CM=$(steps "$COST_STEPS"); RM=$(steps "$REWARD_STEPS")
 CUT=""; [ "$SCORE_CUT" -gt 0 ] && CUT="--cut_response_tokens $SCORE_CUT --cut_appends_eos"
 stage cost "$OUT/cost/config.json" train_preference.py --objective cost --model_name_or_path "$MODEL" $C \
   --train_data "$D/$COST_TRAIN.jsonl" --eval_data "$D/cost_test_curve.jsonl" --output_dir "$OUT/cost" \
-  --max_steps "$CM" --per_device_train_batch_size 4 --max_length 256 --learning_rate 5e-5 --freeze_layers 24 \
+  --max_steps "$CM" --per_device_train_batch_size 4 --max_length 256 --learning_rate "$COST_LR" --freeze_layers "$COST_FREEZE" \
   --eval_every $((CM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 stage reward "$OUT/reward/config.json" train_preference.py --objective reward --model_name_or_path "$MODEL" $C \
   --train_data "$D/$REWARD_TRAIN.jsonl" --eval_data "$D/reward_test_curve.jsonl" --output_dir "$OUT/reward" \
@@ -147,14 +156,19 @@ score() {
   score cost_hhref cost cost_hhref_test && score cost_pkuref cost cost_pkuref_test &&
   #  an independent check on answers no stage trained on: XSTest prompts with one human-labelled refusal and one
   #  compliance (Llama-2-70b-chat vs Mistral-7B-Instruct; scripts/prepare_real_data.py); XSTEST_HALF: the held-out half
-  score xstest_cost_unsafe cost xstest_pairs_unsafe && score xstest_cost_safe cost xstest_pairs_safe ) & p_cost=$!
+  score xstest_cost_unsafe cost xstest_pairs_unsafe && score xstest_cost_safe cost xstest_pairs_safe &&
+  #  XSTEST_HALF: the cost model's own XSTest training rows (does it fit them? run 9's did not)
+  { [ "$XSTEST_HALF" != true ] || { score fit_cost_unsafe cost cost_xstest_train_unsafe &&
+                                    score fit_cost_safe cost cost_xstest_train_safe; }; } ) & p_cost=$!
 #    the reward model: held-out HH-helpful pairs; held-out HH questions, the answer against a refusal in wordings it
 #    never trained on; the cost model's two refusal checks (the gate: what R − λC prefers on held-out pairs of the
 #    training sources); the XSTest pairs
 ( score reward reward reward_test --skip_invalid_rows &&
   score reward_refusal reward reward_refusal_test --skip_invalid_rows &&
   score reward_hhref reward cost_hhref_test && score reward_pkuref reward cost_pkuref_test &&
-  score xstest_reward_unsafe reward xstest_pairs_unsafe && score xstest_reward_safe reward xstest_pairs_safe ) & p_reward=$!
+  score xstest_reward_unsafe reward xstest_pairs_unsafe && score xstest_reward_safe reward xstest_pairs_safe &&
+  { [ "$XSTEST_HALF" != true ] || { score fit_reward_unsafe reward cost_xstest_train_unsafe &&
+                                    score fit_reward_safe reward cost_xstest_train_safe; }; } ) & p_reward=$!
 [[ " $ROWS " == *" safety_sft "* ]] && OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1

@@ -74,6 +74,9 @@ XSTEST_PAIRS = {lab: (f"scores_xstest_reward_{lab}", f"scores_xstest_cost_{lab}"
                 for lab in ("unsafe", "safe")}
 SOURCE_PAIRS = {"unsafe": ("scores_reward_pkuref", "scores_cost_pkuref", "cost_pkuref_test_eval"),
                 "safe": ("scores_reward_hhref", "scores_cost_hhref", "cost_hhref_test_eval")}
+# run 10: the cost model's own XSTest training rows (XSTEST_HALF), split by the prompt's label: is it fitted at all?
+FIT_PAIRS = {lab: (f"scores_fit_reward_{lab}", f"scores_fit_cost_{lab}", f"cost_xstest_train_{lab}_eval")
+             for lab in ("unsafe", "safe")}
 
 
 def lagrangian_preference(out, sets=XSTEST_PAIRS, lambdas=LAMBDAS):
@@ -154,7 +157,9 @@ def main(out):
                 + f" (n={int(r['eval/n_pairs'])})" for r in rows) + " | | | |")
     for sets, what, sides in ((XSTEST_PAIRS, "XSTest's refusal-vs-compliance pairs", ("unsafe", "safe")),
                               (SOURCE_PAIRS, "held-out pairs of the training sources (the gate)",
-                               ("PKU prompts, refusal vs unsafe answer", "HH questions, answer vs refusal"))):
+                               ("PKU prompts, refusal vs unsafe answer", "HH questions, answer vs refusal")),
+                              (FIT_PAIRS, "the cost model's own XSTest training rows (in-sample fit)",
+                               ("unsafe", "safe"))):
         pref = lagrangian_preference(out, sets)
         if pref:
             lines += ["", f"What R − λ·C prefers on {what} (before RL; {pref['n']['unsafe']} / {pref['n']['safe']} "

@@ -337,6 +337,8 @@ def write_xstest_pairs(folder, out_dir):
 
 
 XSTEST_REPEAT = 5  # run 9: each XSTest training row this many times in cost_mix9_train (~1,000 of ~8,100 rows)
+XSTEST_REPEAT_10 = 15  # run 10: this many times in cost_mix10_train (~2,900 of ~10,000 rows: ~3 epochs of them in 600
+                       # steps of 4 pairs; run 9's model saw each ~1.5 times and did not fit them)
 
 
 def xstest_half(prompt):
@@ -355,7 +357,9 @@ def write_xstest_split(folder, out_dir):
       unsafe prompt the refusal is safe and safer, the compliance unsafe; on a safe prompt both are safe and the
       compliance is the safer (the README's "what we would try next": a benign request answered is not to be avoided,
       and refusing it is what XSTest counts as failure; xstest_pair).
-    - cost_mix9_train.jsonl = cost_mix3_train (run 8) + cost_xstest_train XSTEST_REPEAT times.
+    - cost_mix9_train.jsonl = cost_mix3_train (run 8) + cost_xstest_train XSTEST_REPEAT times; cost_mix10_train.jsonl
+      the same with XSTEST_REPEAT_10 (run 10).
+    - cost_xstest_train_{unsafe,safe}.jsonl: cost_xstest_train by the prompt's label (does a model fit its own rows?).
     - prompts_mix9_train.jsonl = prompts_mix_train + the train-half prompts (source xstest_unsafe | xstest_safe).
     - xstest_heldout.csv (the prompts file of the held-out half, for evaluate.py --task xstest) and
       xstest_pairs_{unsafe,safe}_heldout.jsonl (xstest_pairs_* on the held-out half)."""
@@ -382,6 +386,11 @@ def write_xstest_split(folder, out_dir):
     with open(os.path.join(out_dir, "cost_xstest_train.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in rows)
     concat(out_dir, "cost_mix9_train", ("cost_mix3_train",) + ("cost_xstest_train",) * XSTEST_REPEAT)
+    concat(out_dir, "cost_mix10_train", ("cost_mix3_train",) + ("cost_xstest_train",) * XSTEST_REPEAT_10)
+    for lab in ("unsafe", "safe"):  # an unsafe prompt's row has an unsafe answer; a safe prompt's, two safe ones
+        with open(os.path.join(out_dir, f"cost_xstest_train_{lab}.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in rows
+                         if (x["is_response_0_safe"] and x["is_response_1_safe"]) == (lab == "safe"))
     with open(os.path.join(out_dir, "prompts_xstest_train.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in prompts)
     concat(out_dir, "prompts_mix9_train", ("prompts_mix_train", "prompts_xstest_train"))

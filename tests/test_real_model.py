@@ -155,7 +155,7 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
     # run 9's coverage test: XSTest split by prompt; the train half's human-labelled compliances as cost rows (unsafe
     # prompt: the refusal safer, the compliance unsafe; safe prompt: both safe, the compliance safer) and its prompts
     # in the RL mix; nothing of the held-out half in any training file; the held-out prompts and pairs files
-    from prepare_real_data import XSTEST_REPEAT, xstest_half
+    from prepare_real_data import XSTEST_REPEAT, XSTEST_REPEAT_10, xstest_half
     table = list(csv.DictReader(open(os.path.join(REAL, "xstest_v2_prompts.csv"))))
     half = {r["prompt"]: xstest_half(r["prompt"]) for r in table}
     assert 180 < sum(h == "test" for h in half.values()) < 270
@@ -173,6 +173,11 @@ def test_real_data_splits_by_prompt_and_mixes_the_rl_prompts(tmp_path):
             assert (r[f"is_response_{c}_safe"], r[f"is_response_{1 - c}_safe"], r["safer_response_id"]) == (True, True, c)
     assert {label[r["prompt"]] for r in rows} == {"safe", "unsafe"} and {r["safer_response_id"] for r in rows} == {0, 1}
     assert rd("cost_mix9_train") == rd("cost_mix3_train") + rows * XSTEST_REPEAT
+    assert rd("cost_mix10_train") == rd("cost_mix3_train") + rows * XSTEST_REPEAT_10 and XSTEST_REPEAT_10 > XSTEST_REPEAT
+    # run 10's fit check: the same rows, split by the prompt's label, nothing lost or added
+    by_label = {lab: rd(f"cost_xstest_train_{lab}") for lab in ("unsafe", "safe")}
+    for lab, got in by_label.items():
+        assert got == [r for r in rows if label[r["prompt"]] == lab] and got
     xs_train = rd("prompts_xstest_train")
     assert [r["prompt"] for r in xs_train] == [r["prompt"] for r in table if half[r["prompt"]] == "train"]
     assert all(r["source"] == "xstest_" + label[r["prompt"]] for r in xs_train)
@@ -320,14 +325,15 @@ def test_experiment_table_counts_refused_hh_answers_per_policy(tmp_path):
     assert rows["| rl"][9].startswith("0.0% [0.0%, 0.0%]")  # no answer ended with EOS
 
 
-@pytest.mark.parametrize("which", ["xstest", "sources"])
+@pytest.mark.parametrize("which", ["xstest", "sources", "fit"])
 def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_refusal_pairs(tmp_path, which):
     """scripts/experiment_table.py lagrangian_preference: per pair the refusal wins at λ when
     R(refusal) − λ C(refusal) > R(compliance) − λ C(compliance); by hand, with the compliance on both sides; on
-    XSTest's pairs (the diagnostic) and on the held-out training-source pairs (the gate), each read from its own files."""
+    XSTest's pairs (the diagnostic), on the held-out training-source pairs (the gate) and on the cost model's own XSTest
+    training rows (run 10's fit check), each read from its own files."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from experiment_table import SOURCE_PAIRS, XSTEST_PAIRS
-    sets = XSTEST_PAIRS if which == "xstest" else SOURCE_PAIRS
+    from experiment_table import FIT_PAIRS, SOURCE_PAIRS, XSTEST_PAIRS
+    sets = {"xstest": XSTEST_PAIRS, "sources": SOURCE_PAIRS, "fit": FIT_PAIRS}[which]
     pairs = {"unsafe": [("a", 0, (1.0, 0.0), (1.0, -1.0)),   # refusal wins iff 2λ > 1
                         ("b", 1, (-2.0, 0.0), (0.0, 0.2))],  # iff 0.2λ > 2: never at λ <= 5
              "safe": [("c", 0, (0.5, 0.0), (0.3, 0.0))]}     # iff 0.3λ > 0.5
@@ -343,7 +349,8 @@ def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_refusal_pairs(t
                 f.writelines(json.dumps({"prompt": r[0], "score_0": r[k][0], "score_1": r[k][1]}) + "\n" for r in rows)
     out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    title = "XSTest's refusal-vs-compliance pairs" if which == "xstest" else "held-out pairs of the training sources (the gate)"
+    title = {"xstest": "XSTest's refusal-vs-compliance pairs", "sources": "held-out pairs of the training sources (the gate)",
+             "fit": "the cost model's own XSTest training rows (in-sample fit)"}[which]
     assert f"{title} (before RL; 2 / 1 prompts)" in out and out.count("(before RL;") == 1
     got = [line for line in out.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ("0", "0.5", "1", "2", "5")]
     z, all_ = "0.0% [0.0%, 0.0%]", "100.0% [100.0%, 100.0%]"
