@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 6 (README "Run 6, the cost model only"): the cost model's training data as the only difference, side by side
+# Run 6 (docs/experiment/run5-6.md, "Run 6, the cost model only"): the cost model's training data as the only difference, side by side
 # with one thread each -- run 5's rows (cost_mix_train: PKU + benign HH-helpful ties) against run 6's (cost_mix2_train:
 # + HH harmless-base pairs, safety null, pairwise only) -- at STEPS (300, half of experiment_real.sh's 600), then the
 # held-out checks of experiment_real.sh's step 3 for each: PKU pairs, benign HH answers, harmless pairs, the hedge

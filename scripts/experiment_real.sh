@@ -19,7 +19,7 @@
 #                                                # run 5: benign HH answers in the cost data, d at their level
 #   COST_TRAIN=cost_mix2_train BENIGN_LEVEL=hh OUT=output/experiment6 bash scripts/experiment_real.sh
 #                                                # run 6: + harm in HH's register (harmless-base pairs, pairwise only;
-#                                                # only its cost model was measured, at 300 steps: README "Run 6")
+#                                                # only its cost model was measured, at 300 steps: docs/experiment/run5-6.md)
 #   BF16=true REWARD_TRAIN=reward_refmix_train REWARD_STEPS=300 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment7 \
 #     bash scripts/experiment_real.sh          # run 7: the reward model also learns that refusing an HH question is
 #                                                # less helpful than answering it (+ 623 pairs; 300 steps keep the real
