@@ -64,7 +64,7 @@ REWARD_TRAIN=${REWARD_TRAIN:-reward_train}  # the reward model's rows: HH helpfu
 REWARD_STEPS=${REWARD_STEPS:-250}   # reward-model steps of 4 pairs
 COST_FREEZE=${COST_FREEZE:-24}      # the cost model's bottom blocks left untrained (of 30; 0: all trained, run 10)
 COST_LR=${COST_LR:-5e-5}            # the cost model's peak learning rate (run 10, all blocks: 3e-5)
-COST_STEPS=${COST_STEPS:-600}       # cost-model steps of 4 pairs (run 10: 300; all 30 blocks: ~6.5 s a step)
+COST_STEPS=${COST_STEPS:-600}       # cost-model steps of 4 pairs (run 10: 300; all 30 blocks: ~7-8 s a step here)
 BF16=${BF16:-false}                 # bf16 compute in every stage (true: the fast dtype on a CPU with fast bf16)
 PROMPT_TRAIN=${PROMPT_TRAIN:-prompts_mix_train}  # the RL prompts (and the mix d reads); prompts_mix9_train: + half of
                                                 # XSTest's prompts (run 9)

@@ -337,8 +337,8 @@ def write_xstest_pairs(folder, out_dir):
 
 
 XSTEST_REPEAT = 5  # run 9: each XSTest training row this many times in cost_mix9_train (~1,000 of ~8,100 rows)
-XSTEST_REPEAT_10 = 15  # run 10: this many times in cost_mix10_train (~2,900 of ~10,000 rows: ~3 epochs of them in 600
-                       # steps of 4 pairs; run 9's model saw each ~1.5 times and did not fit them)
+XSTEST_REPEAT_10 = 15  # run 10: this many times in cost_mix10_train (~2,900 of ~10,000 rows; in run 10's 300 steps of
+                       # 4 pairs each row is drawn ~1.8 times, run 9's ~1.5)
 
 
 def xstest_half(prompt):
@@ -365,7 +365,7 @@ def write_xstest_split(folder, out_dir):
       xstest_pairs_{unsafe,safe}_heldout.jsonl (xstest_pairs_* on the held-out half)."""
     import common
     table, answers = read_xstest(folder)
-    rows, prompts, skipped = [], [], 0
+    rows, prompts, skipped, by_label = [], [], 0, {"unsafe": [], "safe": []}
     for r in table:
         if xstest_half(r["prompt"]) != "train":
             continue
@@ -383,14 +383,14 @@ def write_xstest_split(folder, out_dir):
         if err is not None:
             raise SystemExit(f"error: XSTest prompt {r['prompt']!r}: {err}")
         rows.append(row)
+        by_label[r["label"]].append(row)
     with open(os.path.join(out_dir, "cost_xstest_train.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in rows)
     concat(out_dir, "cost_mix9_train", ("cost_mix3_train",) + ("cost_xstest_train",) * XSTEST_REPEAT)
     concat(out_dir, "cost_mix10_train", ("cost_mix3_train",) + ("cost_xstest_train",) * XSTEST_REPEAT_10)
-    for lab in ("unsafe", "safe"):  # an unsafe prompt's row has an unsafe answer; a safe prompt's, two safe ones
+    for lab, got in by_label.items():
         with open(os.path.join(out_dir, f"cost_xstest_train_{lab}.jsonl"), "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in rows
-                         if (x["is_response_0_safe"] and x["is_response_1_safe"]) == (lab == "safe"))
+            f.writelines(json.dumps(x) + "\n" for x in got)
     with open(os.path.join(out_dir, "prompts_xstest_train.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in prompts)
     concat(out_dir, "prompts_mix9_train", ("prompts_mix_train", "prompts_xstest_train"))
