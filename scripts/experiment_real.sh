@@ -38,6 +38,11 @@
 #                                                # run 10: run 9 with all 30 blocks of the cost model trained (300
 #                                                # steps, lr 3e-5) and the XSTest rows 15 times over (run 9's model
 #                                                # did not fit its own rows)
+#   BF16=true COST_TRAIN=cost_mix10_train COST_FREEZE=0 COST_LR=3e-5 COST_STEPS=300 PROMPT_TRAIN=prompts_mix9_train XSTEST_HALF=true \
+#     BENIGN_LEVEL=hh REWARD_TRAIN=reward_refmix_train REWARD_STEPS=400 REWARD_FREEZE=0 REWARD_LR=2e-5 \
+#     RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment11 bash scripts/experiment_real.sh
+#                                                # run 11: run 10 with all 30 blocks of the reward model trained (400
+#                                                # steps, lr 2e-5); run 10's cost model was copied into its $OUT/cost
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -62,6 +67,8 @@ COST_TRAIN=${COST_TRAIN:-cost_train}  # the cost model's training rows: PKU only
 REWARD_TRAIN=${REWARD_TRAIN:-reward_train}  # the reward model's rows: HH helpful-base; reward_refmix_train: + each
                                             # single-turn HH question's answer preferred to a refusal of it (run 7)
 REWARD_STEPS=${REWARD_STEPS:-250}   # reward-model steps of 4 pairs
+REWARD_FREEZE=${REWARD_FREEZE:-24}  # the reward model's bottom blocks left untrained (of 30; 0: all trained, run 11)
+REWARD_LR=${REWARD_LR:-5e-5}        # the reward model's peak learning rate (run 11, all blocks: 2e-5, the issue's)
 COST_FREEZE=${COST_FREEZE:-24}      # the cost model's bottom blocks left untrained (of 30; 0: all trained, run 10)
 COST_LR=${COST_LR:-5e-5}            # the cost model's peak learning rate (run 10, all blocks: 3e-5)
 COST_STEPS=${COST_STEPS:-600}       # cost-model steps of 4 pairs (run 10: 300; all 30 blocks: ~7-8 s a step here)
@@ -130,7 +137,7 @@ stage cost "$OUT/cost/config.json" train_preference.py --objective cost --model_
 stage reward "$OUT/reward/config.json" train_preference.py --objective reward --model_name_or_path "$MODEL" $C \
   --train_data "$D/$REWARD_TRAIN.jsonl" --eval_data "$D/reward_test_curve.jsonl" --output_dir "$OUT/reward" \
   --truncate_long_prompts --skip_invalid_rows \
-  --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate 5e-5 --freeze_layers 24 \
+  --max_steps "$RM" --per_device_train_batch_size 4 --max_length 384 --learning_rate "$REWARD_LR" --freeze_layers "$REWARD_FREEZE" \
   --eval_every $((RM / 4)) --eval_batch_size 4 --save_every 50 $CUT
 
 # 3-4. side by side, one thread each: the two score models' checks (held-out accuracy with CIs -> the threshold d)
