@@ -123,8 +123,8 @@ EOF
 fi
 C="--chat_template --bf16 $BF16"
 
-# 1-2. score models: the top 6 of 30 blocks trained (--freeze_layers 24: 2.5x the pairs per second on this CPU),
-#      lr 5e-5 with warmup + cosine, 4 pairs a step, the learning curve every 1/4 of the run on a held-out subset
+# 1-2. score models: by default the top 6 of 30 blocks trained (--freeze_layers 24: 2.5x the pairs per second on this
+#      CPU; COST_FREEZE / REWARD_FREEZE), lr 5e-5 (COST_LR / REWARD_LR) with warmup + cosine, 4 pairs a step, the learning curve every 1/4 of the run on a held-out subset
 #      (small evaluation batches: they pad less, and a forward pass over all 506 pairs costs ~5 min on this CPU)
 #      SCORE_CUT > 0: each answer cut to its first SCORE_CUT tokens + EOS, as the RL below reads its rollouts
 #      (--score_cut_as_ended), so the models are calibrated on what they score (run 3; the same steps as run 2)
