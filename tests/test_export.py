@@ -1,0 +1,64 @@
+"""scripts/export_checkpoint.py: a resume checkpoint -> the policy as it was at that step, as an HF folder."""
+import importlib.util
+import os
+
+import torch
+from conftest import ROOT, TINY, main_inprocess
+
+import common
+
+
+def export_main(*args):
+    """Run scripts/export_checkpoint.py's main() in-process (as main_inprocess runs a stage) -> (code, out, err)."""
+    import contextlib
+    import io
+    import torch.distributed as dist
+    spec = importlib.util.spec_from_file_location("export_checkpoint", os.path.join(ROOT, "scripts", "export_checkpoint.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env, out, err, code = dict(os.environ), io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            common.entrypoint(lambda: mod.main([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code, out.getvalue(), err.getvalue()
+
+
+def logits(path):
+    tok = common.load_tokenizer(path)
+    model = common.load_causal_lm(path, tok).eval()
+    ids = torch.tensor([tok("a question and its answer")["input_ids"]])
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_exported_checkpoint_is_the_model_of_that_step(tmp_path):
+    """Step 1 of a 2-step SFT run (no warmup, the cosine at its full lr on step 1) is the model a 1-step run saves:
+    the exported checkpoint must give its logits exactly, and differ from the start and from the 2-step end."""
+    flags = ["--judge", "", "--eval_data", "", "--learning_rate", "1e-2"]
+    code, _, err = main_inprocess("sft.py", "--output_dir", tmp_path / "two", "--max_steps", 2, "--save_every", 1,
+                                  "--keep_last", 0, *flags)
+    assert code == 0, err[-2000:]
+    code, _, err = main_inprocess("sft.py", "--output_dir", tmp_path / "one", "--max_steps", 1, *flags)
+    assert code == 0, err[-2000:]
+    ckpt = common.checkpoint_dirs(str(tmp_path / "two"))[-1]
+    assert ckpt.endswith("step-00000001")
+    code, out, err = export_main(ckpt, "--base", TINY, "--output_dir", tmp_path / "step1")
+    assert code == 0, err[-2000:]
+    assert '"step": 1' in out
+    got, want = logits(str(tmp_path / "step1")), logits(str(tmp_path / "one"))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - logits(str(tmp_path / "two"))).abs().max() > 1e-3  # not the end of the run
+    assert (got - logits(TINY)).abs().max() > 1e-3  # nor the start: the weights came from the checkpoint
+    # the folder must not be overwritten, and only policy checkpoints export (one clear line each)
+    code, _, err = export_main(ckpt, "--base", TINY, "--output_dir", tmp_path / "step1")
+    assert code == 1 and "already holds a model" in err.strip().splitlines()[-1]
+    code, _, err = export_main(tmp_path / "nope", "--base", TINY, "--output_dir", tmp_path / "x")
+    assert code == 1 and "trainer_state.json" in err.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "x" / "config.json")
