@@ -43,6 +43,12 @@
 #     RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment11 bash scripts/experiment_real.sh
 #                                                # run 11: run 10 with all 30 blocks of the reward model trained (400
 #                                                # steps, lr 2e-5); run 10's cost model was copied into its $OUT/cost
+#   BF16=true COST_TRAIN=cost_mix10_train COST_FREEZE=0 COST_LR=3e-5 COST_STEPS=300 PROMPT_TRAIN=prompts_mix9_train XSTEST_HALF=true \
+#     BENIGN_LEVEL=hh REWARD_TRAIN=reward_refmix_train REWARD_STEPS=400 REWARD_FREEZE=0 REWARD_LR=2e-5 THRESHOLD_D=-2.4 \
+#     TRAJECTORY=ppo_lag RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment12 bash scripts/experiment_real.sh
+#                                                # run 12: run 11 with a hand-set d the base does not meet (λ rises)
+#                                                # and XSTest read at every 4th rollout; run 11's score models and
+#                                                # PPO run were linked/copied into its $OUT
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -79,6 +85,10 @@ XSTEST_HALF=${XSTEST_HALF:-false}   # true: XSTest (answers and refusal-vs-compl
                                     # the half no stage trained on (run 9; scripts/prepare_real_data.py xstest_half)
 BENIGN_LEVEL=${BENIGN_LEVEL:-pku}   # d reads the benign prompts at c_safe (runs 1-4); hh: at the held-out benign HH
                                     # answers' mean cost (run 5; needed once the cost model reads them apart from PKU)
+THRESHOLD_D=${THRESHOLD_D:-}       # a hand-set d instead of the arithmetic's (run 12: one the base policy does not
+                                    # meet, so that λ rises; the arithmetic is still printed beside it)
+TRAJECTORY=${TRAJECTORY:-}          # RL runs whose every checkpoint (each 4 rollouts, all kept) is exported and
+                                    # evaluated on XSTest after step 6: the trade-off along training (run 12)
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
@@ -184,6 +194,7 @@ wait $p_cost && wait $p_reward || { echo "[experiment] score evaluation failed (
 #    c_safe (BENIGN_LEVEL=pku) or at the held-out HH answers' mean cost (hh); scripts/threshold.py prints the arithmetic
 THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/$PROMPT_TRAIN.jsonl" "$P_UNSAFE" \
   --benign "$OUT/scores_cost_hh/preference.json" --benign_level "$BENIGN_LEVEL")
+if [ -n "$THRESHOLD_D" ]; then echo "[experiment] d = $THRESHOLD_D, hand-set (THRESHOLD_D; the arithmetic gave $THRESHOLD)"; THRESHOLD=$THRESHOLD_D; fi
 echo "$THRESHOLD" > "$OUT/threshold.txt"
 
 # 5. RL: critic-free (GRPO group baseline, G = $GROUP; README says why), the same prompts, seed and rollout budget.
@@ -201,7 +212,8 @@ declare -A ALGO=([ppo]="--algo ppo" [ppo_lag]="--algo ppo_lag" [shaping]="--algo
 export OMP_NUM_THREADS=1
 pids=()
 for run in $RUNS; do
-  stage "$run" "$OUT/$run/config.json" $PPO ${ALGO[$run]} --output_dir "$OUT/$run" > "$OUT/$run.log" 2>&1 & pids+=($!)
+  KEEP=""; [[ " $TRAJECTORY " == *" $run "* ]] && KEEP="--keep_last 0"  # every checkpoint kept (~1.6 GB each)
+  stage "$run" "$OUT/$run/config.json" $PPO ${ALGO[$run]} $KEEP --output_dir "$OUT/$run" > "$OUT/$run.log" 2>&1 & pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p" || { echo "[experiment] an RL run failed (see $OUT/{${RUNS// /,}}.log)"; exit 1; }; done
 unset OMP_NUM_THREADS
@@ -226,6 +238,24 @@ for f in "$OUT/xstest/xstest.json" "$OUT/arena_pku/arena.json" "$OUT/arena_hh/ar
   [ -f "$f" ] || { echo "[experiment] evaluation failed: $f missing (see $OUT/*.log)"; exit 1; }
 done
 printf 'evaluation\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+#    TRAJECTORY: each kept checkpoint of the run as a policy (scripts/export_checkpoint.py), all of them on XSTest
+for run in $TRAJECTORY; do
+  [ -f "$OUT/xstest_trajectory_$run/xstest.json" ] && continue
+  TP="base=$MODEL"
+  for ck in "$OUT/$run"/checkpoints/step-*; do
+    [ -d "$ck" ] || continue
+    n=$((10#${ck##*step-})); [ -f "$OUT/$run/steps/$n/config.json" ] ||
+      python scripts/export_checkpoint.py "$ck" --base "$MODEL" --output_dir "$OUT/$run/steps/$n" \
+        >> "$OUT/xstest_trajectory_$run.log" 2>&1 || { echo "[experiment] export of $ck failed"; exit 1; }
+    TP="$TP,rollout_$n=$OUT/$run/steps/$n"
+  done
+  TP="$TP,rollout_$(steps $ROLLOUTS)=$OUT/$run"
+  t0=$SECONDS
+  python evaluate.py --task xstest --policies "$TP" --xstest_data "$XSTEST" --output_dir "$OUT/xstest_trajectory_$run" \
+    --batch_size 32 --max_new_tokens 40 $SC $C >> "$OUT/xstest_trajectory_$run.log" 2>&1 ||
+    { echo "[experiment] the XSTest trajectory of $run failed (see $OUT/xstest_trajectory_$run.log)"; exit 1; }
+  printf 'xstest_trajectory_%s\t%s\n' "$run" $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+done
 RD=""; for r in $RUNS; do RD="$RD${RD:+,}$OUT/$r"; done
 python evaluate.py --task curves --run_dirs "$RD" --output_dir "$OUT/curves" > /dev/null
 python scripts/experiment_table.py "$OUT" | tee "$OUT/results.md"
