@@ -3,7 +3,7 @@ import importlib.util
 import os
 
 import torch
-from conftest import ROOT, TINY, main_inprocess
+from conftest import ROOT, TINY, main_inprocess, run
 
 import common
 
@@ -62,3 +62,15 @@ def test_exported_checkpoint_is_the_model_of_that_step(tmp_path):
     code, _, err = export_main(tmp_path / "nope", "--base", TINY, "--output_dir", tmp_path / "x")
     assert code == 1 and "trainer_state.json" in err.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "x" / "config.json")
+
+
+def test_checkpoint_of_two_ranks_exports_on_one(tmp_path):
+    """A checkpoint written by 2 ranks (each its own shard) exports in one process to the model the same 2-rank run
+    saves after that step."""
+    flags = ["--judge", "", "--eval_data", "", "--learning_rate", "1e-2"]
+    run("sft.py", "--output_dir", tmp_path / "two", "--max_steps", 2, "--save_every", 1, "--keep_last", 0, *flags, nproc=2)
+    run("sft.py", "--output_dir", tmp_path / "one", "--max_steps", 1, *flags, nproc=2)
+    ckpt = common.checkpoint_dirs(str(tmp_path / "two"))[-1]
+    code, _, err = export_main(ckpt, "--base", TINY, "--output_dir", tmp_path / "step1")
+    assert code == 0, err[-2000:]
+    torch.testing.assert_close(logits(str(tmp_path / "step1")), logits(str(tmp_path / "one")), rtol=0, atol=1e-5)
