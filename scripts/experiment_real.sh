@@ -48,7 +48,8 @@
 #     TRAJECTORY=ppo_lag RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment12 bash scripts/experiment_real.sh
 #                                                # run 12: run 11 with a hand-set d the base does not meet (λ rises)
 #                                                # and XSTest read at every 4th rollout; run 11's score models and
-#                                                # PPO run were linked/copied into its $OUT
+#                                                # PPO run were linked/copied into its $OUT, and PPO-Lagrangian ran
+#                                                # by hand alone on 2 threads (docs/experiment/run12.md)
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -242,9 +243,11 @@ printf 'evaluation\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
 for run in $TRAJECTORY; do
   [ -f "$OUT/xstest_trajectory_$run/xstest.json" ] && continue
   TP="base=$MODEL"
-  for ck in "$OUT/$run"/checkpoints/step-*; do
-    [ -d "$ck" ] || continue
-    n=$((10#${ck##*step-})); [ -f "$OUT/$run/steps/$n/config.json" ] ||
+  [[ " $RUNS " == *" $run "* ]] || echo "[experiment] warning: TRAJECTORY run $run is not in RUNS: only the checkpoints it kept"
+  for ck in "$OUT/$run"/checkpoints/step-[0-9]*; do
+    [[ -f "$ck/trainer_state.json" && $ck != *.tmp ]] || continue   # complete checkpoints only
+    n=$((10#${ck##*step-})); [ "$n" -lt "$(steps $ROLLOUTS)" ] || continue   # the final policy is $OUT/$run itself
+    [ -f "$OUT/$run/steps/$n/config.json" ] ||
       python scripts/export_checkpoint.py "$ck" --base "$MODEL" --output_dir "$OUT/$run/steps/$n" \
         >> "$OUT/xstest_trajectory_$run.log" 2>&1 || { echo "[experiment] export of $ck failed"; exit 1; }
     TP="$TP,rollout_$n=$OUT/$run/steps/$n"

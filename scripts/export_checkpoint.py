@@ -10,7 +10,7 @@ exports the checkpoints it wants:
 
 The architecture, tokenizer and chat template come from --base (the model the run started from: PPO's
 --actor_model_name_or_path, SFT's --model_name_or_path); the weights from the checkpoint's causal LM ("actor" of a PPO
-checkpoint, "model" of an SFT one). Reading goes through common.load_checkpoint (the metadata unpickled safely; any
+checkpoint, "model" of an SFT or DPO one). Reading goes through common.load_checkpoint (the metadata unpickled safely; any
 number of ranks wrote it), writing through common.save_hf (config.json last: a folder with it is complete).
 """
 import argparse
@@ -24,13 +24,19 @@ import common  # noqa: E402
 POLICY_STAGES = {"ppo": "actor", "ppo_lag": "actor", "reward_shaping": "actor", "sft": "model"}  # stage -> its LM
 
 
+def policy_key(stage):
+    """The name a checkpoint of `stage` stores its causal LM under, or None for a stage without one (a score model).
+    dpo.py's stages are "dpo/<loss>/<preference>" and store the policy as SFT does."""
+    return "model" if str(stage).startswith("dpo/") else POLICY_STAGES.get(stage)
+
+
 def export(checkpoint, base, output_dir, trust_remote_code=False):
     """Load the causal LM of `checkpoint` into `base`'s architecture and save it as an HF folder at `output_dir`."""
     state = common.checkpoint_state(checkpoint)  # one clear line for a missing or unreadable checkpoint
-    name = POLICY_STAGES.get(state.get("stage"))
+    name = policy_key(state.get("stage"))
     if name is None:
         raise common.UserError(f"{checkpoint}: a checkpoint of stage {state.get('stage')!r}; only policy checkpoints "
-                               f"({', '.join(POLICY_STAGES)}) export as a causal LM")
+                               f"({', '.join(POLICY_STAGES)}, dpo) export as a causal LM")
     tokenizer = common.load_tokenizer(base, trust_remote_code=trust_remote_code)
     model = common.load_causal_lm(base, tokenizer, trust_remote_code=trust_remote_code)
     common.load_checkpoint(checkpoint, {name: (model, None)})  # the optimiser state is not read
@@ -45,8 +51,7 @@ def main(argv=None):
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--trust_remote_code", action="store_true")
     a = ap.parse_args(argv)
-    if os.path.exists(os.path.join(a.output_dir, "config.json")):
-        raise common.UserError(f"{a.output_dir} already holds a model; choose another --output_dir")
+    common.check_output_dir(a.output_dir)  # neither a finished model nor an unfinished run's folder is written into
     common.setup_distributed()  # a 1-rank group: load_checkpoint reads with torch.distributed.checkpoint
     try:
         state = export(a.checkpoint, a.base, a.output_dir, a.trust_remote_code)

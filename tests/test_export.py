@@ -58,10 +58,25 @@ def test_exported_checkpoint_is_the_model_of_that_step(tmp_path):
     assert (got - logits(TINY)).abs().max() > 1e-3  # nor the start: the weights came from the checkpoint
     # the folder must not be overwritten, and only policy checkpoints export (one clear line each)
     code, _, err = export_main(ckpt, "--base", TINY, "--output_dir", tmp_path / "step1")
-    assert code == 1 and "already holds a model" in err.strip().splitlines()[-1]
+    assert code == 1 and "already holds a finished run" in err.strip().splitlines()[-1]
     code, _, err = export_main(tmp_path / "nope", "--base", TINY, "--output_dir", tmp_path / "x")
     assert code == 1 and "trainer_state.json" in err.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "x" / "config.json")
+    score = tmp_path / "score_ckpt"  # a score model's checkpoint: refused before any weights are read
+    score.mkdir()
+    (score / "trainer_state.json").write_text('{"stage": "cost", "step": 3}')
+    code, _, err = export_main(score, "--base", TINY, "--output_dir", tmp_path / "y")
+    assert code == 1 and "only policy checkpoints" in err.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "y")
+
+
+def test_policy_key_of_every_policy_stage():
+    """The key each stage stores its policy under (ppo_lagrangian.py: the algo; sft.py; dpo.py: dpo/<loss>/<pref>)."""
+    spec = importlib.util.spec_from_file_location("export_checkpoint", os.path.join(ROOT, "scripts", "export_checkpoint.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert [mod.policy_key(s) for s in ("ppo", "ppo_lag", "reward_shaping", "sft", "dpo/safedpo/safer", "cost", None)] \
+        == ["actor", "actor", "actor", "model", "model", None, None]
 
 
 def test_checkpoint_of_two_ranks_exports_on_one(tmp_path):
