@@ -70,11 +70,18 @@ def main_inprocess(script, *args):
     handler are restored afterwards."""
     import contextlib
     import importlib
+    import importlib.util
     import io
     import signal
     import common
     import torch.distributed as dist
-    module = importlib.import_module(script.removesuffix(".py"))
+    if "/" in script:  # a script outside the top level (scripts/export_checkpoint.py): load it from its file
+        spec = importlib.util.spec_from_file_location(os.path.basename(script).removesuffix(".py"),
+                                                      os.path.join(ROOT, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(script.removesuffix(".py"))
     env, handler = dict(os.environ), signal.getsignal(signal.SIGTERM)
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:

@@ -1,5 +1,4 @@
 """scripts/export_checkpoint.py: a resume checkpoint -> the policy as it was at that step, as an HF folder."""
-import importlib.util
 import os
 
 import torch
@@ -9,25 +8,7 @@ import common
 
 
 def export_main(*args):
-    """Run scripts/export_checkpoint.py's main() in-process (as main_inprocess runs a stage) -> (code, out, err)."""
-    import contextlib
-    import io
-    import torch.distributed as dist
-    spec = importlib.util.spec_from_file_location("export_checkpoint", os.path.join(ROOT, "scripts", "export_checkpoint.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    env, out, err, code = dict(os.environ), io.StringIO(), io.StringIO(), 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            common.entrypoint(lambda: mod.main([str(a) for a in args]))
-    except SystemExit as e:
-        code = e.code
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return code, out.getvalue(), err.getvalue()
+    return main_inprocess("scripts/export_checkpoint.py", *args)
 
 
 def logits(path):
@@ -72,6 +53,7 @@ def test_exported_checkpoint_is_the_model_of_that_step(tmp_path):
 
 def test_policy_key_of_every_policy_stage():
     """The key each stage stores its policy under (ppo_lagrangian.py: the algo; sft.py; dpo.py: dpo/<loss>/<pref>)."""
+    import importlib.util
     spec = importlib.util.spec_from_file_location("export_checkpoint", os.path.join(ROOT, "scripts", "export_checkpoint.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
