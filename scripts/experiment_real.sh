@@ -244,8 +244,7 @@ for run in $TRAJECTORY; do
   [ -f "$OUT/xstest_trajectory_$run/xstest.json" ] && continue
   TP="base=$MODEL"
   [[ " $RUNS " == *" $run "* ]] || echo "[experiment] warning: TRAJECTORY run $run is not in RUNS: only the checkpoints it kept"
-  for ck in "$OUT/$run"/checkpoints/step-[0-9]*; do
-    [[ -f "$ck/trainer_state.json" && $ck != *.tmp ]] || continue   # complete checkpoints only
+  for ck in $(python -c 'import sys, common; print(*common.checkpoint_dirs(sys.argv[1]))' "$OUT/$run"); do  # complete ones
     n=$((10#${ck##*step-})); [ "$n" -lt "$(steps $ROLLOUTS)" ] || continue   # the final policy is $OUT/$run itself
     [ -f "$OUT/$run/steps/$n/config.json" ] ||
       python scripts/export_checkpoint.py "$ck" --base "$MODEL" --output_dir "$OUT/$run/steps/$n" \

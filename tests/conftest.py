@@ -64,24 +64,28 @@ def output_of(p):
     return p.log.read()
 
 
+def load_script(script):
+    """A stage module by name ("sft.py"), or a script outside the top level by path ("scripts/export_checkpoint.py")."""
+    import importlib
+    import importlib.util
+    if "/" not in script:
+        return importlib.import_module(script.removesuffix(".py"))
+    spec = importlib.util.spec_from_file_location(os.path.basename(script).removesuffix(".py"), os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main_inprocess(script, *args):
     """Run a stage's main() inside the test process exactly as its `__main__` does (common.entrypoint), without
     the few seconds of a new interpreter -> (exit code, stdout, stderr). The process environment and the SIGTERM
     handler are restored afterwards."""
     import contextlib
-    import importlib
-    import importlib.util
     import io
     import signal
     import common
     import torch.distributed as dist
-    if "/" in script:  # a script outside the top level (scripts/export_checkpoint.py): load it from its file
-        spec = importlib.util.spec_from_file_location(os.path.basename(script).removesuffix(".py"),
-                                                      os.path.join(ROOT, script))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(script.removesuffix(".py"))
+    module = load_script(script)
     env, handler = dict(os.environ), signal.getsignal(signal.SIGTERM)
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:

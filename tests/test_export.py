@@ -2,7 +2,7 @@
 import os
 
 import torch
-from conftest import ROOT, TINY, main_inprocess, run
+from conftest import TINY, load_script, main_inprocess, run
 
 import common
 
@@ -53,10 +53,7 @@ def test_exported_checkpoint_is_the_model_of_that_step(tmp_path):
 
 def test_policy_key_of_every_policy_stage():
     """The key each stage stores its policy under (ppo_lagrangian.py: the algo; sft.py; dpo.py: dpo/<loss>/<pref>)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("export_checkpoint", os.path.join(ROOT, "scripts", "export_checkpoint.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/export_checkpoint.py")
     assert [mod.policy_key(s) for s in ("ppo", "ppo_lag", "reward_shaping", "sft", "dpo/safedpo/safer", "cost", None)] \
         == ["actor", "actor", "actor", "model", "model", None, None]
 
