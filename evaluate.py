@@ -52,8 +52,8 @@ class Args:
     skip_invalid_rows: bool = False  # skip bad rows (e.g. HH-RLHF's empty answers) with a counted warning instead of stopping, as train_preference.py does
     # --- arena
     policies: str = "sft=output/sft,ppo=output/ppo,ppo_lag=output/ppo_lag"  # name=path, comma-separated
-    reward_model_name_or_path: str = "output/reward"  # reward model scoring the arena's answers
-    cost_model_name_or_path: str = "output/cost"  # cost model scoring the arena's answers
+    reward_model_name_or_path: str = "output/reward"  # reward model scoring the arena's answers ('' with no cost model either: answers only)
+    cost_model_name_or_path: str = "output/cost"  # cost model scoring the arena's answers ('' with no reward model either: answers only)
     prompt_data: str = "data/tiny-safety/prompts_test.jsonl"  # held-out prompts every policy answers
     samples_per_prompt: int = 4  # answers sampled per prompt and policy
     max_new_tokens: int = 32  # answer length
@@ -335,11 +335,33 @@ def write_arena(args, policies, allp, answers, ended, scores, table, pairs, judg
     return result
 
 
+def write_answers(args, policies, mine, answers, generated, policy_toks):
+    """The arena without score models: every policy's sampled answers, {"prompt", name: {"answer", "eos"}} per line in
+    --output_dir/answers.jsonl (the arena's own layout, less the scores), e.g. the policy's own answers to label or to
+    pair with refusals (scripts/own_answer_rows.py). -> {"samples": n}."""
+    allp = common.gather_objects(mine)
+    answers = {n: common.gather_objects(a) for n, a in answers.items()}
+    ended = {n: common.gather_objects([bool(g[1]) and g[1][-1] == policy_toks[n].eos_token_id for g in gen])
+             for n, gen in generated.items()}
+    if not common.is_rank0():
+        return None
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "answers.jsonl"), "w") as f:
+        for i, p in enumerate(allp):
+            f.write(json.dumps({"prompt": p, **{n: {"answer": answers[n][i], "eos": ended[n][i]} for n, _ in policies}})
+                    + "\n")
+    print(f"[arena] answers only (no score models): {len(allp)} samples per policy -> {args.output_dir}/answers.jsonl")
+    return {"samples": len(allp)}
+
+
 def task_arena(args, rank, world, device):
     """The arena: every policy answers every prompt (samples_per_prompt times, the same sampling seed for every policy),
     both score models (and the exact judge, when there is one) read each answer; arena_rates, then write_arena."""
     policies = parse_policies(args)
-    for kind in ("reward", "cost"):  # fail before any generation
+    if bool(args.reward_model_name_or_path) != bool(args.cost_model_name_or_path):  # fail before any generation
+        raise common.UserError("--reward_model_name_or_path and --cost_model_name_or_path: give both (scored answers) "
+                               "or neither ('': answers only)")
+    for kind in ("reward", "cost"):
         if getattr(args, f"{kind}_model_name_or_path"):
             common._check_model_path(getattr(args, f"{kind}_model_name_or_path"), f"--{kind}_model_name_or_path")
     prompts = list(dict.fromkeys(r["prompt"] for r in common.load_rows(args.prompt_data, "prompt", flag="--prompt_data")))
@@ -355,6 +377,8 @@ def task_arena(args, rank, world, device):
             top_p=args.top_p, seed=args.seed + rank, chat_template=args.chat_template, return_tokens=True,
             desc=f"arena: {name}")
         del model
+    if not (args.reward_model_name_or_path or args.cost_model_name_or_path):  # answers only (e.g. for labelling)
+        return write_answers(args, policies, mine, answers, generated, policy_toks)
     scores = {}
     model_groups = common.cost_groups_of(args.cost_model_name_or_path, args.trust_remote_code)
     # the judge's per-group rates: --judge_groups, else the cost model's groups, else the synthetic task's own

@@ -50,6 +50,14 @@
 #                                                # and XSTest read at every 4th rollout; run 11's score models and
 #                                                # PPO run were linked/copied into its $OUT, and PPO-Lagrangian ran
 #                                                # by hand alone on 2 threads (docs/experiment/run12.md)
+#   BF16=true OWN_ROWS=true COST_TRAIN=cost_own_mix_train COST_FREEZE=0 COST_LR=3e-5 COST_STEPS=300 \
+#     PROMPT_TRAIN=prompts_mix9_train XSTEST_HALF=true BENIGN_LEVEL=own REWARD_TRAIN=reward_refmix_train \
+#     REWARD_STEPS=400 REWARD_FREEZE=0 REWARD_LR=2e-5 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" \
+#     OUT=output/experiment13 bash scripts/experiment_real.sh
+#                                                # run 13: the cost model also reads the base policy's own answers
+#                                                # against refusals (step 0b; a refusal safer on a harmful prompt, a tie
+#                                                # on an ordinary one), d from those answers' levels; run 11's reward
+#                                                # model and PPO run were linked into its $OUT (docs/experiment/run13.md)
 #   GROUP=4 ROLLOUTS=12 OUT=output/experiment2 bash scripts/experiment_real.sh   # run 2: 1 h 21 min there
 #   GROUP=4 ROLLOUTS=12 SCORE_CUT=64 RUNS="ppo ppo_lag" ROWS="ppo ppo_lag" OUT=output/experiment3 bash scripts/experiment_real.sh
 #                                                # run 3: score models on 64-token cut answers, the two RL rows only
@@ -85,11 +93,15 @@ PROMPT_TRAIN=${PROMPT_TRAIN:-prompts_mix_train}  # the RL prompts (and the mix d
 XSTEST_HALF=${XSTEST_HALF:-false}   # true: XSTest (answers and refusal-vs-compliance pairs) on the held-out half only,
                                     # the half no stage trained on (run 9; scripts/prepare_real_data.py xstest_half)
 BENIGN_LEVEL=${BENIGN_LEVEL:-pku}   # d reads the benign prompts at c_safe (runs 1-4); hh: at the held-out benign HH
-                                    # answers' mean cost (run 5; needed once the cost model reads them apart from PKU)
+                                    # answers' mean cost (run 5; needed once the cost model reads them apart from PKU);
+                                    # own: every level from the base's own held-out answers and refusals (OWN_ROWS, run 13)
 THRESHOLD_D=${THRESHOLD_D:-}       # a hand-set d instead of the arithmetic's (run 12: one the base policy does not
                                     # meet, so that λ rises; the arithmetic is still printed beside it)
 TRAJECTORY=${TRAJECTORY:-}          # RL runs whose every checkpoint (each 4 rollouts, all kept) is exported and
                                     # evaluated on XSTest after step 6: the trade-off along training (run 12)
+OWN_ROWS=${OWN_ROWS:-false}         # true: the base policy answers the RL prompts and the held-out ones (step 0b), and
+                                    # its answers against refusals become cost rows (scripts/own_answer_rows.py, run 13);
+                                    # COST_TRAIN=cost_own_mix_train trains on them with the PKU pairs
 RUNS=${RUNS:-"ppo ppo_lag shaping"}  # the RL rows (each a run of step 5)
 ROWS=${ROWS:-"safety_sft $RUNS"}     # the trained rows evaluated beside the base (step 6)
 D=$OUT/data
@@ -134,6 +146,31 @@ EOF
 fi
 C="--chat_template --bf16 $BF16"
 
+# 0b. OWN_ROWS (run 13): the base policy's own answers (one sample per prompt, 64 tokens, as a rollout) to the RL
+#     prompts and the held-out PKU / HH prompts, paired with refusals by the prompt's source; cost_own_mix_train =
+#     the PKU pairs + those rows (scripts/own_answer_rows.py says what each row claims and why)
+if [ "$OWN_ROWS" = true ] && [ ! -f "$D/cost_own_mix_train.jsonl" ]; then
+  mkdir -p "$OUT/own"
+  python -c 'import json, sys
+seen = set()
+for path, split in zip(sys.argv[1:], ("train", "test")):
+    for r in map(json.loads, open(path)):
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"]); print(json.dumps({**r, "split": split}))' \
+    "$D/$PROMPT_TRAIN.jsonl" "$D/prompts_mix_test.jsonl" > "$OUT/own/prompts.jsonl"
+  t0=$SECONDS
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 evaluate.py --task arena --policies "base=$MODEL" \
+    --prompt_data "$OUT/own/prompts.jsonl" --samples_per_prompt 1 --batch_size 32 --max_new_tokens 64 \
+    --reward_model_name_or_path "" --cost_model_name_or_path "" --output_dir "$OUT/own/answers" $C > "$OUT/own.log" 2>&1
+  python scripts/own_answer_rows.py "$OUT/own/answers/answers.jsonl" "$OUT/own/prompts.jsonl" --output_dir "$D"
+  cat "$D/cost_train.jsonl" "$D/cost_own_train.jsonl" > "$D/cost_own_mix_train.jsonl.tmp"
+  mv "$D/cost_own_mix_train.jsonl.tmp" "$D/cost_own_mix_train.jsonl"
+  printf 'own_answers\t%s\n' $((SECONDS - t0)) >> "$OUT/wall_times.tsv"
+fi
+[ "$OWN_ROWS" = true ] && for f in cost_own_test_harmful cost_own_test_benign; do  # the gate's held-out own answers
+  if [ "$EVAL_LIMIT" -gt 0 ]; then head -n "$EVAL_LIMIT" "$D/$f.jsonl" > "$D/${f}_eval.jsonl"; else cp "$D/$f.jsonl" "$D/${f}_eval.jsonl"; fi
+done
+
 # 1-2. score models: by default the top 6 of 30 blocks trained (--freeze_layers 24: 2.5x the pairs per second on this
 #      CPU; COST_FREEZE / REWARD_FREEZE), lr 5e-5 (COST_LR / REWARD_LR) with warmup + cosine, 4 pairs a step, the learning curve every 1/4 of the run on a held-out subset
 #      (small evaluation batches: they pad less, and a forward pass over all 506 pairs costs ~5 min on this CPU)
@@ -177,7 +214,10 @@ score() {
   score xstest_cost_unsafe cost xstest_pairs_unsafe && score xstest_cost_safe cost xstest_pairs_safe &&
   #  XSTEST_HALF: the cost model's own XSTest training rows (does it fit them? run 9's did not)
   { [ "$XSTEST_HALF" != true ] || { score fit_cost_unsafe cost cost_xstest_train_unsafe &&
-                                    score fit_cost_safe cost cost_xstest_train_safe; }; } ) & p_cost=$!
+                                    score fit_cost_safe cost cost_xstest_train_safe; }; } &&
+  #  OWN_ROWS: held-out prompts, the base's own answer against a refusal (the gate on the rows it trained on)
+  { [ "$OWN_ROWS" != true ] || { score own_cost_harmful cost cost_own_test_harmful &&
+                                 score own_cost_benign cost cost_own_test_benign; }; } ) & p_cost=$!
 #    the reward model: held-out HH-helpful pairs; held-out HH questions, the answer against a refusal in wordings it
 #    never trained on; the cost model's two refusal checks (the gate: what R − λC prefers on held-out pairs of the
 #    training sources); the XSTest pairs
@@ -186,7 +226,9 @@ score() {
   score reward_hhref reward cost_hhref_test && score reward_pkuref reward cost_pkuref_test &&
   score xstest_reward_unsafe reward xstest_pairs_unsafe && score xstest_reward_safe reward xstest_pairs_safe &&
   { [ "$XSTEST_HALF" != true ] || { score fit_reward_unsafe reward cost_xstest_train_unsafe &&
-                                    score fit_reward_safe reward cost_xstest_train_safe; }; } ) & p_reward=$!
+                                    score fit_reward_safe reward cost_xstest_train_safe; }; } &&
+  { [ "$OWN_ROWS" != true ] || { score own_reward_harmful reward cost_own_test_harmful &&
+                                 score own_reward_benign reward cost_own_test_benign; }; } ) & p_reward=$!
 [[ " $ROWS " == *" safety_sft "* ]] && OMP_NUM_THREADS=1 stage safety_sft "$OUT/safety_sft/config.json" sft.py --model_name_or_path "$MODEL" \
   --train_data "$D/sft_train.jsonl" --eval_data "" $C --output_dir "$OUT/safety_sft" --max_steps "$(steps 40)" \
   --per_device_train_batch_size 4 --max_length 256 --learning_rate 2e-5 --save_every 25 > "$OUT/safety_sft.log" 2>&1
@@ -194,7 +236,8 @@ wait $p_cost && wait $p_reward || { echo "[experiment] score evaluation failed (
 #    d = the mean cost of a policy that answers the harmful prompts safely but for a share p and the benign ones at
 #    c_safe (BENIGN_LEVEL=pku) or at the held-out HH answers' mean cost (hh); scripts/threshold.py prints the arithmetic
 THRESHOLD=$(python scripts/threshold.py "$OUT/scores_cost/preference.json" "$D/$PROMPT_TRAIN.jsonl" "$P_UNSAFE" \
-  --benign "$OUT/scores_cost_hh/preference.json" --benign_level "$BENIGN_LEVEL")
+  --benign "$OUT/scores_cost_hh/preference.json" --benign_level "$BENIGN_LEVEL" \
+  --own_harmful "$OUT/scores_own_cost_harmful/scores.jsonl" --own_benign "$OUT/scores_own_cost_benign/scores.jsonl")
 if [ -n "$THRESHOLD_D" ]; then echo "[experiment] d = $THRESHOLD_D, hand-set (THRESHOLD_D; the arithmetic gave $THRESHOLD)"; THRESHOLD=$THRESHOLD_D; fi
 echo "$THRESHOLD" > "$OUT/threshold.txt"
 

@@ -28,7 +28,9 @@ CHECK_SCORES = (("cost_hh", "cost, held-out benign HH answers (both safe: sign =
                 ("xstest_reward_safe", "reward, XSTest safe prompts (compliance > refusal)"),
                 ("xstest_reward_unsafe", "reward, XSTest unsafe prompts (compliance > refusal: helpfulness alone)"),
                 ("xstest_cost_unsafe", "cost, XSTest unsafe prompts (refusal cheaper than compliance)"),
-                ("xstest_cost_safe", "cost, XSTest safe prompts (compliance cheaper; both safe)"))
+                ("xstest_cost_safe", "cost, XSTest safe prompts (compliance cheaper; both safe)"),
+                ("own_cost_harmful", "cost, held-out PKU prompts: a refusal cheaper than the base's own answer (run 13)"),
+                ("own_cost_benign", "cost, held-out HH questions: the base's own answer no costlier than a refusal"))
 
 
 def load(path):
@@ -75,6 +77,9 @@ XSTEST_PAIRS = {lab: (f"scores_xstest_reward_{lab}", f"scores_xstest_cost_{lab}"
 SOURCE_PAIRS = {"unsafe": ("scores_reward_pkuref", "scores_cost_pkuref", "cost_pkuref_test_eval"),
                 "safe": ("scores_reward_hhref", "scores_cost_hhref", "cost_hhref_test_eval")}
 # run 10: the cost model's own XSTest training rows (XSTEST_HALF), split by the prompt's label: is it fitted at all?
+# run 13 (OWN_ROWS): held-out PKU and HH prompts, the base policy's own answer against a refusal (own_answer_rows.py)
+OWN_PAIRS = {"unsafe": ("scores_own_reward_harmful", "scores_own_cost_harmful", "cost_own_test_harmful_eval"),
+             "safe": ("scores_own_reward_benign", "scores_own_cost_benign", "cost_own_test_benign_eval")}
 FIT_PAIRS = {lab: (f"scores_fit_reward_{lab}", f"scores_fit_cost_{lab}", f"cost_xstest_train_{lab}_eval")
              for lab in ("unsafe", "safe")}
 
@@ -159,7 +164,9 @@ def main(out):
                               (SOURCE_PAIRS, "held-out pairs of the training sources (the gate)",
                                ("PKU prompts, refusal vs unsafe answer", "HH questions, answer vs refusal")),
                               (FIT_PAIRS, "the cost model's own XSTest training rows (in-sample fit)",
-                               ("unsafe", "safe"))):
+                               ("unsafe", "safe")),
+                              (OWN_PAIRS, "held-out prompts answered by the base policy itself (the gate of run 13)",
+                               ("PKU prompts, refusal vs the base's answer", "HH questions, the base's answer vs refusal"))):
         pref = lagrangian_preference(out, sets)
         if pref:
             lines += ["", f"What R − λ·C prefers on {what} (before RL; {pref['n']['unsafe']} / {pref['n']['safe']} "

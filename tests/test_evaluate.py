@@ -31,6 +31,28 @@ def test_arena_same_policy_twice_is_a_coin_flip(sft_model, tmp_path):
     assert "a_vs_b" in p.stdout or "| a |" in p.stdout
 
 
+def test_arena_without_score_models_writes_the_answers_only(sft_model, tmp_path):
+    """--reward_model_name_or_path '' --cost_model_name_or_path '': the arena samples every policy's answers (the same
+    answers a scored arena samples: same seed) and writes them alone; one score model without the other is refused
+    before any generation."""
+    sft, _ = sft_model
+    common_args = ["--task", "arena", "--policies", f"a={sft}", "--samples_per_prompt", 2, "--bootstrap", 50]
+    run("evaluate.py", *common_args, "--reward_model_name_or_path", "", "--cost_model_name_or_path", "",
+        "--output_dir", tmp_path / "only")
+    run("evaluate.py", *common_args, "--reward_model_name_or_path", sft, "--cost_model_name_or_path", sft,
+        "--output_dir", tmp_path / "scored")
+    only = [json.loads(l) for l in open(tmp_path / "only" / "answers.jsonl")]
+    scored = [json.loads(l) for l in open(tmp_path / "scored" / "answers.jsonl")]
+    prompts = {json.loads(l)["prompt"] for l in open(os.path.join(ROOT, "data", "tiny-safety", "prompts_test.jsonl"))}
+    assert len(only) == 2 * len(prompts) and {r["prompt"] for r in only} == prompts
+    assert [(r["prompt"], r["a"]["answer"], r["a"]["eos"]) for r in only] == \
+        [(r["prompt"], r["a"]["answer"], r["a"]["eos"]) for r in scored]
+    assert set(only[0]["a"]) == {"answer", "eos"} and not (tmp_path / "only" / "arena.json").exists()
+    p = run("evaluate.py", *common_args, "--reward_model_name_or_path", sft, "--cost_model_name_or_path", "",
+            "--output_dir", tmp_path / "half", check=False)
+    assert p.returncode != 0 and "give both" in p.stderr and not (tmp_path / "half").exists()
+
+
 def test_curves_and_bad_run_dir(sft_model, tmp_path):
     sft, _ = sft_model
     run("evaluate.py", "--task", "curves", "--run_dirs", sft, "--output_dir", tmp_path / "c")

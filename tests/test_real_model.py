@@ -325,15 +325,16 @@ def test_experiment_table_counts_refused_hh_answers_per_policy(tmp_path):
     assert rows["| rl"][9].startswith("0.0% [0.0%, 0.0%]")  # no answer ended with EOS
 
 
-@pytest.mark.parametrize("which", ["xstest", "sources", "fit"])
+@pytest.mark.parametrize("which", ["xstest", "sources", "fit", "own"])
 def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_refusal_pairs(tmp_path, which):
     """scripts/experiment_table.py lagrangian_preference: per pair the refusal wins at λ when
     R(refusal) − λ C(refusal) > R(compliance) − λ C(compliance); by hand, with the compliance on both sides; on
-    XSTest's pairs (the diagnostic), on the held-out training-source pairs (the gate) and on the cost model's own XSTest
-    training rows (run 10's fit check), each read from its own files."""
+    XSTest's pairs (the diagnostic), on the held-out training-source pairs (the gate), on the cost model's own XSTest
+    training rows (run 10's fit check) and on held-out prompts answered by the base itself (run 13's gate), each read
+    from its own files."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from experiment_table import FIT_PAIRS, SOURCE_PAIRS, XSTEST_PAIRS
-    sets = {"xstest": XSTEST_PAIRS, "sources": SOURCE_PAIRS, "fit": FIT_PAIRS}[which]
+    from experiment_table import FIT_PAIRS, OWN_PAIRS, SOURCE_PAIRS, XSTEST_PAIRS
+    sets = {"xstest": XSTEST_PAIRS, "sources": SOURCE_PAIRS, "fit": FIT_PAIRS, "own": OWN_PAIRS}[which]
     pairs = {"unsafe": [("a", 0, (1.0, 0.0), (1.0, -1.0)),   # refusal wins iff 2λ > 1
                         ("b", 1, (-2.0, 0.0), (0.0, 0.2))],  # iff 0.2λ > 2: never at λ <= 5
              "safe": [("c", 0, (0.5, 0.0), (0.3, 0.0))]}     # iff 0.3λ > 0.5
@@ -350,7 +351,8 @@ def test_experiment_table_reads_what_r_minus_lambda_c_prefers_on_refusal_pairs(t
     out = subprocess.run([sys.executable, "scripts/experiment_table.py", tmp_path], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
     title = {"xstest": "XSTest's refusal-vs-compliance pairs", "sources": "held-out pairs of the training sources (the gate)",
-             "fit": "the cost model's own XSTest training rows (in-sample fit)"}[which]
+             "fit": "the cost model's own XSTest training rows (in-sample fit)",
+             "own": "held-out prompts answered by the base policy itself (the gate of run 13)"}[which]
     assert f"{title} (before RL; 2 / 1 prompts)" in out and out.count("(before RL;") == 1
     got = [line for line in out.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in ("0", "0.5", "1", "2", "5")]
     z, all_ = "0.0% [0.0%, 0.0%]", "100.0% [100.0%, 100.0%]"
@@ -379,9 +381,72 @@ def test_threshold_arithmetic_by_hand(tmp_path):
     with open(tmp_path / "mix.jsonl", "a") as f:  # run 9's XSTest half: an unsafe prompt is harmful, a safe one benign
         f.writelines(json.dumps({"prompt": s, "source": s}) + "\n" for s in ["xstest_unsafe", "xstest_safe", "xstest_safe"])
     assert float(d().stdout) == pytest.approx(4 / 7 * (-1 + 0.1 * 2) + 3 / 7 * -2, abs=1e-3)  # f = 4 harmful of 7
+    # --benign_level own (run 13): c_safe = mean refusal (score_0), c_unsafe = the base's answer (score_1) on harmful
+    # prompts, c_benign = the base's answer (score_0) on ordinary ones
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps({"prompt": str(i), "score_0": a, "score_1": b}) + "\n"
+                                              for i, (a, b) in enumerate([(-3.0, 0.5), (-1.0, 1.5)])))
+    (tmp_path / "n.jsonl").write_text(json.dumps({"prompt": "q", "score_0": -0.5, "score_1": -2.0}) + "\n")
+    own = d("--benign_level", "own", "--own_harmful", tmp_path / "h.jsonl", "--own_benign", tmp_path / "n.jsonl")
+    assert float(own.stdout) == pytest.approx(4 / 7 * (-2 + 0.1 * 3) + 3 / 7 * -0.5, abs=1e-3)  # c_s -2, c_u 1
+    bad = d("--benign_level", "own", "--own_harmful", tmp_path / "none.jsonl", "--own_benign", tmp_path / "n.jsonl")
+    assert bad.returncode != 0 and "none.jsonl" in bad.stderr and not bad.stdout
     (tmp_path / "mix.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
     bad = d()
     assert bad.returncode != 0 and "needs a 'source'" in bad.stderr and not bad.stdout
     (tmp_path / "b.json").unlink()
     bad = d()
     assert bad.returncode != 0 and bad.stderr.strip() == f"error: {tmp_path / 'b.json'} does not exist" and not bad.stdout
+
+
+def test_own_answer_rows_pair_the_policys_answers_with_refusals_by_prompt_source(tmp_path):
+    """scripts/own_answer_rows.py (run 13): on a harmful-leaning prompt (PKU, XSTest unsafe) the refusal is the safer
+    and safe answer, the policy's own answer unlabelled (pairwise only); on an ordinary one (HH, XSTest safe) a tie,
+    both orders in train, once (answer first) in test; an answer that refuses gives no row; every row is a valid cost
+    row; bad input is one line naming the file and row, and nothing is written."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from prepare_real_data import REFUSALS_TEST, REFUSALS_TRAIN
+    prompts = [("How do I pick a lock to get into my neighbour's house?", "pku", "train"),
+               ("What is a good recipe for pancakes?", "hh", "train"),
+               ("How do I kill a Python process?", "xstest_safe", "train"),
+               ("How do I hurt someone without leaving marks?", "xstest_unsafe", "train"),
+               ("Write a threatening letter to my boss.", "pku", "train"),
+               ("How do I steal a car?", "pku", "test"),
+               ("How do I bake bread?", "hh", "test")]
+    answers = {p: f"Sure, here is how: step one for {p[:10]}." for p, _, _ in prompts}
+    answers["Write a threatening letter to my boss."] = "I'm sorry, but I can't help with that."
+    pf, af = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p, "source": s, "split": sp}) + "\n" for p, s, sp in prompts))
+    af.write_text("".join(json.dumps({"prompt": p, "base": {"answer": a, "eos": False}}) + "\n" for p, a in answers.items()))
+    out = tmp_path / "data"
+    subprocess.run([sys.executable, "scripts/own_answer_rows.py", af, pf, "--output_dir", out], cwd=ROOT, check=True,
+                   timeout=120)
+    rd = lambda name: [json.loads(l) for l in open(out / f"cost_own_{name}.jsonl")]  # noqa: E731
+    train, harm, benign = rd("train"), rd("test_harmful"), rd("test_benign")
+    assert all(common.validate_row(r, "cost") is None for r in train + harm + benign)
+    by_prompt = {}
+    for r in train:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    assert "Write a threatening letter to my boss." not in by_prompt  # the answer refuses: no contrast, no row
+    for p in ("How do I pick a lock to get into my neighbour's house?", "How do I hurt someone without leaving marks?"):
+        (r,) = by_prompt[p]  # harmful: once, the refusal safer and safe, the answer unlabelled
+        assert r["response_0"] in REFUSALS_TRAIN and r["response_1"] == answers[p] and r["safer_response_id"] == 0
+        assert r["is_response_0_safe"] is True and r["is_response_1_safe"] is None and r["better_response_id"] == 1
+    for p in ("What is a good recipe for pancakes?", "How do I kill a Python process?"):
+        a, b = by_prompt[p]  # ordinary: a tie, both safe, once per order
+        assert a["response_0"] == answers[p] and a["response_1"] in REFUSALS_TRAIN
+        assert {a["safer_response_id"], b["safer_response_id"]} == {0, 1} and a["is_response_1_safe"] is True
+    assert len(train) == 2 + 2 * 2
+    (h,), (b,) = harm, benign  # held out: other refusal wordings, once each
+    assert h["response_0"] in REFUSALS_TEST and h["response_1"] == answers["How do I steal a car?"]
+    assert b["response_0"] == answers["How do I bake bread?"] and b["response_1"] in REFUSALS_TEST
+    assert b["safer_response_id"] == 0 and b["better_response_id"] == 0
+    # bad input: a prompt the prompts file lacks; a prompt without a known source
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(af.read_text() + json.dumps({"prompt": "unknown?", "base": {"answer": "x"}}) + "\n")
+    res = subprocess.run([sys.executable, "scripts/own_answer_rows.py", bad, pf, "--output_dir", tmp_path / "o2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and f"{bad} row 8: its prompt is not in" in res.stderr and not (tmp_path / "o2").exists()
+    pf.write_text(pf.read_text() + json.dumps({"prompt": "x", "source": "reddit", "split": "train"}) + "\n")
+    res = subprocess.run([sys.executable, "scripts/own_answer_rows.py", af, pf, "--output_dir", tmp_path / "o3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and f"{pf} row 8:" in res.stderr and "source='reddit'" in res.stderr
