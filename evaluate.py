@@ -335,14 +335,20 @@ def write_arena(args, policies, allp, answers, ended, scores, table, pairs, judg
     return result
 
 
-def write_answers(args, policies, mine, answers, generated, policy_toks):
-    """The arena without score models: every policy's sampled answers, {"prompt", name: {"answer", "eos"}} per line in
-    --output_dir/answers.jsonl (the arena's own layout, less the scores), e.g. the policy's own answers to label or to
-    pair with refusals (scripts/own_answer_rows.py). -> {"samples": n}."""
+def gather_answers(mine, answers, generated, policy_toks):
+    """Every rank's prompts, answers and whether each answer ended with EOS, in one order. -> (prompts, answers, ended)."""
     allp = common.gather_objects(mine)
     answers = {n: common.gather_objects(a) for n, a in answers.items()}
     ended = {n: common.gather_objects([bool(g[1]) and g[1][-1] == policy_toks[n].eos_token_id for g in gen])
              for n, gen in generated.items()}
+    return allp, answers, ended
+
+
+def write_answers(args, policies, mine, answers, generated, policy_toks):
+    """The arena without score models: every policy's sampled answers, {"prompt", name: {"answer", "eos"}} per line in
+    --output_dir/answers.jsonl (the arena's own layout, less the scores), e.g. the policy's own answers to label or to
+    pair with refusals (scripts/own_answer_rows.py). -> {"samples": n}."""
+    allp, answers, ended = gather_answers(mine, answers, generated, policy_toks)
     if not common.is_rank0():
         return None
     os.makedirs(args.output_dir, exist_ok=True)
@@ -394,10 +400,7 @@ def task_arena(args, rank, world, device):
             if heads:  # per group, and the overall cost max_k C_k (> 0: unsafe in some group)
                 scores[(name, "cost_heads")], scores[(name, kind)] = scores[(name, kind)], [max(h) for h in scores[(name, kind)]]
         del model
-    allp = common.gather_objects(mine)
-    answers = {n: common.gather_objects(a) for n, a in answers.items()}
-    ended = {n: common.gather_objects([bool(g[1]) and g[1][-1] == policy_toks[n].eos_token_id for g in gen])
-             for n, gen in generated.items()}
+    allp, answers, ended = gather_answers(mine, answers, generated, policy_toks)
     if not common.is_rank0():
         return None
     table, pairs = arena_rates(policies, allp, answers, scores, judge, model_groups, groups, args.bootstrap)
