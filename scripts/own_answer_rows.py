@@ -30,30 +30,24 @@ import argparse
 import json
 import os
 import sys
-import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from prepare_real_data import REFUSALS_TEST, REFUSALS_TRAIN  # noqa: E402
+import common  # noqa: E402
+from prepare_real_data import REFUSALS_TEST, REFUSALS_TRAIN, refusal_for  # noqa: E402
+from threshold import HARMFUL  # noqa: E402  (the harmful-prompt sources, as d counts them)
 
-HARMFUL = ("pku", "xstest_unsafe")
 BENIGN = ("hh", "xstest_safe")
 
 
 def read_jsonl(path, what):
-    """The rows of a JSONL file, or one line naming the file and row on bad input (SystemExit)."""
+    """The rows of a JSONL file (common's reader: a malformed row names the file and row). -> [(row number, row)]."""
     if not os.path.exists(path):
-        raise SystemExit(f"error: {what} {path} does not exist")
-    rows = []
-    for i, line in enumerate(open(path), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path} row {i}: not JSON ({e.msg})")
+        raise common.UserError(f"{what} {path} does not exist")
+    rows = common._read_local(path)
     if not rows:
-        raise SystemExit(f"error: {what} {path} is empty")
+        raise common.UserError(f"{what} {path} is empty")
     return rows
 
 
@@ -63,8 +57,7 @@ def own_rows(prompt, source, answer, split):
     answer = answer.strip()
     if not answer or evaluate.is_refusal(answer):
         return []
-    refusals = REFUSALS_TRAIN if split == "train" else REFUSALS_TEST
-    refusal = refusals[zlib.crc32(("refusal " + prompt).encode()) % len(refusals)]
+    refusal = refusal_for(prompt, REFUSALS_TRAIN if split == "train" else REFUSALS_TEST)
     if source in HARMFUL:  # the refusal safe and safer; the answer unlabelled (pairwise only)
         return [{"prompt": prompt, "response_0": refusal, "response_1": answer, "is_response_0_safe": True,
                  "is_response_1_safe": None, "safer_response_id": 0, "better_response_id": 1}]
@@ -80,27 +73,26 @@ def main(argv=None):
     ap.add_argument("--policy", default="base", help="the policy's name in the answers file (default: %(default)s)")
     ap.add_argument("--output_dir", required=True)
     a = ap.parse_args(argv)
-    import common
     meta = {}
-    for i, r in enumerate(read_jsonl(a.prompts, "prompts file"), 1):
+    for i, r in read_jsonl(a.prompts, "prompts file"):
         if r.get("source") not in HARMFUL + BENIGN or r.get("split") not in ("train", "test") or "prompt" not in r:
-            raise SystemExit(f"error: {a.prompts} row {i}: needs prompt, source in {HARMFUL + BENIGN} and split in "
+            raise common.UserError(f"{a.prompts} row {i}: needs prompt, source in {HARMFUL + BENIGN} and split in "
                              f"(train, test); got {sorted(r)} with source={r.get('source')!r}, split={r.get('split')!r}")
         meta[r["prompt"]] = (r["source"], r["split"])
     out = {"train": [], "test_harmful": [], "test_benign": []}
     skipped = 0
-    for i, r in enumerate(read_jsonl(a.answers, "answers file"), 1):
+    for i, r in read_jsonl(a.answers, "answers file"):
         if r.get("prompt") not in meta:
-            raise SystemExit(f"error: {a.answers} row {i}: its prompt is not in {a.prompts}")
+            raise common.UserError(f"{a.answers} row {i}: its prompt is not in {a.prompts}")
         if not isinstance(r.get(a.policy), dict) or not isinstance(r[a.policy].get("answer"), str):
-            raise SystemExit(f"error: {a.answers} row {i}: no answer of policy {a.policy!r}")
+            raise common.UserError(f"{a.answers} row {i}: no answer of policy {a.policy!r}")
         source, split = meta[r["prompt"]]
         rows = own_rows(r["prompt"], source, r[a.policy]["answer"], split)
         skipped += not rows
         for row in rows:
             err = common.validate_row(row, "cost")
             if err is not None:
-                raise SystemExit(f"error: {a.answers} row {i}: {err}")
+                raise common.UserError(f"{a.answers} row {i}: {err}")
         key = "train" if split == "train" else "test_harmful" if source in HARMFUL else "test_benign"
         out[key] += rows
     os.makedirs(a.output_dir, exist_ok=True)
@@ -115,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.entrypoint(main)

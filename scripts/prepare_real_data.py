@@ -176,6 +176,12 @@ REFUSALS_TEST = (
 )
 
 
+def refusal_for(key, refusals):
+    """The refusal a prompt gets: refusals[crc32("refusal " + key) % their number] (a hash of its own: crc32(key) % 10
+    is the split, so its residues mod 6 or 16 are not uniform there)."""
+    return refusals[zlib.crc32(("refusal " + key).encode()) % len(refusals)]
+
+
 def write_refusal_pairs(part, out_dir, name):
     """reward_refusal_{name}.jsonl: per single-turn HH-helpful dialogue of the split whose chosen answer is not empty,
     {"chosen": that dialogue, "rejected": the same with a refusal as the answer} (module docstring); the refusal is
@@ -188,8 +194,7 @@ def write_refusal_pairs(part, out_dir, name):
         if r["chosen"].count("\n\nHuman:") != 1 or err or not pair["response_0"].strip():
             continue
         i = r["chosen"].rfind(common.HH_TURN) + len(common.HH_TURN)
-        # a hash of its own: crc32(first turn) % 10 is the split, so its residues mod 6 or 16 are not uniform there
-        refusal = refusals[zlib.crc32(("refusal " + first_turn(r["chosen"])).encode()) % len(refusals)]
+        refusal = refusal_for(first_turn(r["chosen"]), refusals)
         out.append({"chosen": r["chosen"], "rejected": r["chosen"][:i] + " " + refusal})
     with open(os.path.join(out_dir, f"reward_refusal_{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in out)
@@ -218,7 +223,7 @@ def write_pku_refusal_check(out_dir):
         if r["prompt"] in seen:
             continue
         seen.add(r["prompt"])
-        refusal = REFUSALS_TEST[zlib.crc32(("refusal " + r["prompt"]).encode()) % len(REFUSALS_TEST)]
+        refusal = refusal_for(r["prompt"], REFUSALS_TEST)
         out.append({"prompt": r["prompt"], "response_0": refusal, "response_1": r["response_1"],
                     "is_response_0_safe": True, "is_response_1_safe": False, "safer_response_id": 0,
                     "better_response_id": 1})  # helpfulness alone: the compliance (as in xstest_pairs)
@@ -377,7 +382,7 @@ def write_xstest_split(folder, out_dir):
             skipped += 1  # both models refused: no safe compliance to teach (nor an unsafe one on an unsafe prompt)
             continue
         refusal = refuse[0] if refuse and refuse[0] else \
-            REFUSALS_TRAIN[zlib.crc32(("refusal " + r["prompt"]).encode()) % len(REFUSALS_TRAIN)]
+            refusal_for(r["prompt"], REFUSALS_TRAIN)
         row = xstest_pair(r["prompt"], r["label"] == "unsafe", comply[0], refusal)
         err = common.validate_row(row, "cost")
         if err is not None:
